@@ -1,0 +1,124 @@
+"""FlatStore: one layer's ragged KV cache as two flat buffers with per-segment offsets.
+
+Same interface as the reference stores in ``minikv.cache`` (``ListStore``): build it from a
+Selection's keep mask, append decode tokens, attend, report its bytes. The layout is drawn
+in ``minikv.gpu.layout``; decode attention (q == 1) runs the Triton kernel of
+``minikv.gpu.triton_decode``; several new tokens at once (q > 1) use a padded PyTorch path.
+
+Host-side bookkeeping: every segment grows by the same q tokens at every append, so the
+total size, the longest segment and the free room left are known on the host without
+asking the GPU -- a decode step never waits for a device -> host copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import layout
+
+
+def _triton_usable(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FlatStore:
+    """One layer; segment s = row * n_kv + head holds its tokens at k_flat[starts[s] : starts[s] + lengths[s]]."""
+
+    def __init__(self, k_flat, v_flat, starts, lengths, capacity, b: int, n_kv: int, n_total: int, max_len: int,
+                 room: int, reserve: int):
+        self.k_flat, self.v_flat = k_flat, v_flat  # (total capacity, d)
+        self.starts, self._lengths, self.capacity = starts, lengths, capacity  # (S,) long each
+        self.b, self.n_kv = b, n_kv
+        self.n_total, self.max_len = n_total, max_len  # host ints: tokens held, longest segment
+        self.room = room  # free slots left in every segment (the same for all: they grow together)
+        self.reserve = reserve
+
+    @classmethod
+    def from_selection(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, reserve: int = 256) -> "FlatStore":
+        """keys/values (b, n_kv, L, d), keep (b, n_kv, L) bool -> each head keeps its own tokens, in order.
+
+        One host sync (the total size); no loop over heads.
+        """
+        b, n_kv = keep.shape[:2]
+        k, v, starts, lengths, capacity, n_total, max_len = layout.build_flat(keys, values, keep, reserve)
+        return cls(k, v, starts, lengths, capacity, b, n_kv, n_total, max_len, reserve, reserve)
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(b, n_kv) tokens held per head."""
+        return self._lengths.reshape(self.b, self.n_kv)
+
+    def _meta_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.starts, self._lengths, self.capacity))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values actually held (not the free reserve), plus the offsets."""
+        row = self.k_flat.shape[1] * self.k_flat.element_size()
+        return 2 * self.n_total * row + self._meta_nbytes()
+
+    @property
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated, free reserve included."""
+        return self.k_flat.numel() * self.k_flat.element_size() * 2 + self._meta_nbytes()
+
+    # -- decode --------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values (b, n_kv, q, d): q new tokens for every head, written in place."""
+        b, n_kv, q, d = keys.shape
+        if q > self.room:  # reserve used up: copy every segment into a new layout with fresh room
+            self.k_flat, self.v_flat, self.starts, self.capacity = layout.relayout(
+                self.k_flat, self.v_flat, self.starts, self._lengths, self.n_total, max(self.reserve, q))
+            self.room = max(self.reserve, q)
+        slots = layout.append_slots(self.starts, self._lengths, q).reshape(-1)  # (S * q,)
+        self.k_flat[slots] = keys.reshape(-1, d).to(self.k_flat.dtype)
+        self.v_flat[slots] = values.reshape(-1, d).to(self.v_flat.dtype)
+        self._lengths = self._lengths + q
+        self.n_total += q * b * n_kv
+        self.max_len += q
+        self.room -= q
+
+    def attend(self, query: torch.Tensor, scaling: float, use_triton: bool | None = None) -> torch.Tensor:
+        """Attention of the q newest tokens' queries over each head's tokens.
+
+        query (b, H, q, d), query head h served by KV head h // g -> (b, H, q, d).
+        New token i (of q) sees its head's older tokens and the new tokens 0..i.
+        """
+        b, H, q, d = query.shape
+        if use_triton is None:
+            use_triton = q == 1 and _triton_usable(query)
+        if use_triton:
+            from .triton_decode import flat_decode_attention
+
+            return flat_decode_attention(query, self.k_flat, self.v_flat, self.starts, self._lengths, scaling,
+                                         self.n_total, self.max_len)
+        return self._attend_padded(query, scaling)
+
+    def _attend_padded(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Simple path: pad heads to the longest, mask padding and future new tokens, SDPA."""
+        b, H, q, d = query.shape
+        keys, values, _ = self.dense()  # (b, n_kv, Lmax, d)
+        n_kv, Lmax = self.n_kv, self.max_len
+        g = H // n_kv
+        last_seen = self.lengths[..., None] - q + torch.arange(q, device=query.device)  # (b, n_kv, q)
+        mask = torch.arange(Lmax, device=query.device) <= last_seen[..., None]  # (b, n_kv, q, Lmax)
+        mask = mask[:, :, None].expand(b, n_kv, g, q, Lmax).reshape(b, n_kv, g * q, Lmax)
+        qg = query.reshape(b, n_kv, g * q, d)  # a group's g heads share one K/V
+        out = F.scaled_dot_product_attention(qg, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=scaling)
+        return out.reshape(b, H, q, d)
+
+    def dense(self):
+        """Pad heads to the longest: keys, values (b, n_kv, Lmax, d) and valid (b, n_kv, Lmax) bool."""
+        return layout.to_dense(self.k_flat, self.v_flat, self.starts, self._lengths, self.max_len, self.b, self.n_kv)
+
+    def __repr__(self) -> str:
+        return (f"FlatStore(b={self.b}, n_kv={self.n_kv}, tokens={self.n_total}, longest={self.max_len}, "
+                f"room={self.room}, nbytes={self.nbytes}, capacity_nbytes={self.capacity_nbytes})")
