@@ -134,7 +134,7 @@ CASES = [  # b, n_kv, g, L, d
 def test_triton_decode_matches_reference(case, dtype):
     pytest.importorskip("triton")
     b, n_kv, g, L, d = case
-    gen = torch.Generator().manual_seed(hash((case, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(10 * CASES.index(case) + list(TOL).index(dtype))
     keys, values = random_layer(b, n_kv, L, d, gen, dtype, "cuda")
     keep = ragged_keep(b, n_kv, L, gen, "cuda", extremes=True)
     store = FlatStore.from_selection(keys, values, keep, reserve=4)

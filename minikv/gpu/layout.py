@@ -114,7 +114,8 @@ def to_dense(k_flat, v_flat, starts, lengths, max_len: int, b: int, n_kv: int):
     d = k_flat.shape[1]
     pos = torch.arange(max_len, device=starts.device)  # (Lmax,)
     valid = pos[None, :] < lengths[:, None]  # (S, Lmax)
-    rows = (starts[:, None] + pos).clamp(max=k_flat.shape[0] - 1)  # (S, Lmax) in range even past the end
-    keys = torch.where(valid[..., None], k_flat[rows], 0).reshape(b, n_kv, max_len, d)
-    values = torch.where(valid[..., None], v_flat[rows], 0).reshape(b, n_kv, max_len, d)
-    return keys, values, valid.reshape(b, n_kv, max_len)
+    rows = (starts[:, None] + pos)[valid]  # (n_total,) buffer rows of the held tokens, segment by segment
+    keys = k_flat.new_zeros(lengths.numel(), max_len, d)
+    values = v_flat.new_zeros(lengths.numel(), max_len, d)
+    keys[valid], values[valid] = k_flat[rows], v_flat[rows]
+    return keys.reshape(b, n_kv, max_len, d), values.reshape(b, n_kv, max_len, d), valid.reshape(b, n_kv, max_len)

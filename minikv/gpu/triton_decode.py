@@ -113,6 +113,14 @@ def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
     tl.store(Out + (seg * G + g[:, None]) * D + dims[None, :], out.to(Out.dtype.element_ty), mask=live[:, None])
 
 
+# Tile and launch settings per head dim (the benchmark's sweep on the H200 chose them; see results/gpu/NOTES.md).
+CONFIG = {
+    64: dict(block_n=128, num_warps=4, num_stages=3),
+    128: dict(block_n=64, num_warps=4, num_stages=3),
+}
+PROGRAMS_PER_SM = 8  # aim for this many non-empty programs per multiprocessor
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -133,7 +141,7 @@ def plan_splits(n_total: int, max_len: int, n_segments: int, block_n: int, progr
 
 
 def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float, n_total: int, max_len: int,
-                          block_n: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                          block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                           programs: int | None = None) -> torch.Tensor:
     """One decode step: query (b, H, 1, d) over the segments -> (b, H, 1, d).
 
@@ -146,10 +154,12 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     n_kv = S // b
     G = H // n_kv
     assert d == triton.next_power_of_2(d) and d >= 16, f"head dim must be a power of two >= 16, got {d}"
-    if block_n is None:
-        block_n = 64 if d >= 128 else 128
+    cfg = CONFIG.get(d, CONFIG[128])
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
     if programs is None:
-        programs = 8 * _sm_count(query.device.index or 0) if query.is_cuda else 64
+        programs = PROGRAMS_PER_SM * _sm_count(query.device.index or 0) if query.is_cuda else 64
     chunk, num_splits = plan_splits(n_total, max_len, S, block_n, programs)
     G_PAD = max(16, triton.next_power_of_2(G))
 
