@@ -96,6 +96,16 @@ def timed(fn, rep_ms):
     return do_bench(fn, warmup=max(5, rep_ms / 4), rep=rep_ms, return_mode="median")
 
 
+def timed_graph(fn, rep_ms):
+    """Median time of fn replayed from a CUDA graph: the GPU's time without Python's launch overhead.
+
+    No L2 flush here, so only trust it for caches well above the 60 MB L2.
+    """
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
 def copy_bandwidth(device, rep_ms):
     n = 2 ** 30  # 2 GiB of bf16 -> read 2 GiB + write 2 GiB
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
@@ -175,9 +185,7 @@ def choose_config(results):
         n_shapes = max(len(v) for v in totals.values())
         key = min((k for k, v in totals.items() if len(v) == n_shapes), key=lambda k: sum(totals[k]))
         chosen[d] = dict(block_n=key[0], num_warps=key[1], num_stages=key[2], per_sm=key[3])
-        td.CONFIG[d] = dict(block_n=key[0], num_warps=key[1], num_stages=key[2])
-    # one programs-per-SM for all: the one chosen for d = 128 (the shapes that matter most)
-    td.PROGRAMS_PER_SM = chosen[128]["per_sm"]
+        td.CONFIG[d] = dict(chosen[d])
     return chosen
 
 
@@ -240,12 +248,15 @@ def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
     full_bytes = 2 * keys.numel() * elt
     rows = []
 
-    def add(method, ratio, ms, read_bytes, kv_bytes, **extra):
+    def add(method, ratio, ms, read_bytes, kv_bytes, graph_fn=None, **extra):
+        if graph_fn is not None:
+            extra["graph_ms"] = timed_graph(graph_fn, rep_ms)
         rows.append(dict(model=model, L=L, b=b, ratio=ratio, method=method, ms=ms, read_bytes=read_bytes,
                          kv_bytes=kv_bytes, bw=read_bytes / (ms * 1e-3), frac_copy=read_bytes / (ms * 1e-3) / copy_bw,
                          full_kv_bytes=full_bytes, **extra))
 
-    add("full", 0.0, timed(lambda: sdpa_decode(query, keys, values), rep_ms), full_bytes, full_bytes)
+    f_full = lambda: sdpa_decode(query, keys, values)
+    add("full", 0.0, timed(f_full, rep_ms), full_bytes, full_bytes, graph_fn=f_full)
     for ratio in ratios:
         keep, _, k = adakv_selection(b, n_kv, L, ratio, gen, device)
         spread = imbalance(keep, k)
@@ -264,14 +275,15 @@ def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
         del pk, pv, valid, pmask
         out = store.attend(query, d ** -0.5)
         err = rel_err(out, ref)
-        add("ragged", ratio, timed(lambda: store.attend(query, d ** -0.5), rep_ms),
-            2 * store.n_total * d * elt, store.nbytes, capacity_bytes=store.capacity_nbytes,
-            rel_err_vs_padded=err, spread=spread, n_kept=k)
+        f_rag = lambda: store.attend(query, d ** -0.5)
+        add("ragged", ratio, timed(f_rag, rep_ms), 2 * store.n_total * d * elt, store.nbytes, graph_fn=f_rag,
+            capacity_bytes=store.capacity_nbytes, rel_err_vs_padded=err, spread=spread, n_kept=k,
+            ms_again=timed(f_rag, rep_ms))  # the same thing timed twice: the noise floor
         n_uniform = store.n_total // (b * n_kv)  # same bytes, every head the same length: SnapKV's cache
         del store
         uk, uv = keys[:, :, :n_uniform].contiguous(), values[:, :, :n_uniform].contiguous()
-        add("uniform", ratio, timed(lambda: sdpa_decode(query, uk, uv), rep_ms),
-            2 * uk.numel() * elt, 2 * uk.numel() * elt)
+        f_uni = lambda: sdpa_decode(query, uk, uv)
+        add("uniform", ratio, timed(f_uni, rep_ms), 2 * uk.numel() * elt, 2 * uk.numel() * elt, graph_fn=f_uni)
         del uk, uv, keep
     del keys, values
     torch.cuda.empty_cache()
@@ -284,7 +296,8 @@ def table(rows):
     for r in rows:
         by.setdefault((r["model"], r["L"], r["b"]), {}).setdefault(r["ratio"], {})[r["method"]] = r
     lines = [f"{'model':8} {'L':>6} {'b':>3} {'ratio':>5} | {'full':>8} {'masked':>8} {'padded':>8} {'ragged':>8} "
-             f"{'uniform':>8} | {'rag/full':>8} {'rag bw':>6} {'uni bw':>6} {'full bw':>7} {'KV/full':>7} {'GB':>6}"]
+             f"{'uniform':>8} | {'rag/full':>8} {'rag bw':>6} {'uni bw':>6} {'full bw':>7} {'KV/full':>7} {'GB':>6} | "
+             f"{'graph: rag':>10} {'uni':>7} {'full':>7}"]
     for (model, L, b), per in by.items():
         full = per[0.0]["full"]
         for ratio, mm in per.items():
@@ -295,7 +308,9 @@ def table(rows):
             lines.append(
                 f"{model:8} {L:6d} {b:3d} {ratio:5.3f} | {full['ms']:8.3f} {t('masked')} {t('padded')} {t('ragged')} "
                 f"{t('uniform')} | {rag['ms'] / full['ms']:8.3f} {rag['frac_copy']:6.1%} {uni['frac_copy']:6.1%} "
-                f"{full['frac_copy']:7.1%} {rag['kv_bytes'] / full['kv_bytes']:7.4f} {rag['kv_bytes'] / 1e9:6.2f}")
+                f"{full['frac_copy']:7.1%} {rag['kv_bytes'] / full['kv_bytes']:7.4f} {rag['kv_bytes'] / 1e9:6.2f} | "
+                f"{rag.get('graph_ms', float('nan')):10.3f} {uni.get('graph_ms', float('nan')):7.3f} "
+                f"{full.get('graph_ms', float('nan')):7.3f}")
     return "\n".join(lines)
 
 

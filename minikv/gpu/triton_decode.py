@@ -113,12 +113,12 @@ def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
     tl.store(Out + (seg * G + g[:, None]) * D + dims[None, :], out.to(Out.dtype.element_ty), mask=live[:, None])
 
 
-# Tile and launch settings per head dim (the benchmark's sweep on the H200 chose them; see results/gpu/NOTES.md).
+# Tile and launch settings per head dim, chosen by the benchmark's sweep on an H200 (results/gpu/NOTES.md):
+# 128-token tiles, 4 warps; per_sm = how many non-empty programs to aim for per multiprocessor.
 CONFIG = {
-    64: dict(block_n=128, num_warps=4, num_stages=3),
-    128: dict(block_n=64, num_warps=4, num_stages=3),
+    64: dict(block_n=128, num_warps=4, num_stages=3, per_sm=4),
+    128: dict(block_n=128, num_warps=4, num_stages=2, per_sm=8),
 }
-PROGRAMS_PER_SM = 8  # aim for this many non-empty programs per multiprocessor
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +159,7 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     if programs is None:
-        programs = PROGRAMS_PER_SM * _sm_count(query.device.index or 0) if query.is_cuda else 64
+        programs = cfg["per_sm"] * _sm_count(query.device.index or 0) if query.is_cuda else 64
     chunk, num_splits = plan_splits(n_total, max_len, S, block_n, programs)
     G_PAD = max(16, triton.next_power_of_2(G))
 
