@@ -119,3 +119,17 @@ def to_dense(k_flat, v_flat, starts, lengths, max_len: int, b: int, n_kv: int):
     values = v_flat.new_zeros(lengths.numel(), max_len, d)
     keys[valid], values[valid] = k_flat[rows], v_flat[rows]
     return keys.reshape(b, n_kv, max_len, d), values.reshape(b, n_kv, max_len, d), valid.reshape(b, n_kv, max_len)
+
+
+def plan_splits(n_total: int, max_len: int, block_n: int, programs: int) -> tuple[int, int]:
+    """Chunk length and number of chunks per segment, from host-side sizes only (no device sync).
+
+    Aim for about ``programs`` non-empty programs in all: chunk ~ n_total / programs tokens,
+    a multiple of block_n; the longest segment decides how many chunks the grid needs.
+
+    >>> plan_splits(n_total=1000, max_len=600, block_n=64, programs=8)
+    (128, 5)
+    """
+    chunk = max(block_n, -(-n_total // programs))
+    chunk = -(-chunk // block_n) * block_n  # round up to whole tiles
+    return chunk, max(1, -(-max_len // chunk))

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import plan_splits
+
 LOG2E = 1.4426950408889634
 
 
@@ -126,20 +128,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def plan_splits(n_total: int, max_len: int, n_segments: int, block_n: int, programs: int) -> tuple[int, int]:
-    """Chunk length and number of chunks per segment, from host-side sizes only (no device sync).
-
-    Aim for about ``programs`` non-empty programs in all: chunk ~ n_total / programs tokens,
-    a multiple of block_n; the longest segment decides how many chunks the grid needs.
-
-    >>> plan_splits(n_total=1000, max_len=600, n_segments=3, block_n=64, programs=8)
-    (128, 5)
-    """
-    chunk = max(block_n, -(-n_total // programs))
-    chunk = -(-chunk // block_n) * block_n  # round up to whole tiles
-    return chunk, max(1, -(-max_len // chunk))
-
-
 def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float, n_total: int, max_len: int,
                           block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                           programs: int | None = None) -> torch.Tensor:
@@ -160,7 +148,7 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     num_stages = num_stages or cfg["num_stages"]
     if programs is None:
         programs = cfg["per_sm"] * _sm_count(query.device.index or 0) if query.is_cuda else 64
-    chunk, num_splits = plan_splits(n_total, max_len, S, block_n, programs)
+    chunk, num_splits = plan_splits(n_total, max_len, block_n, programs)
     G_PAD = max(16, triton.next_power_of_2(G))
 
     q = query.reshape(S, G, d).contiguous()  # (S, G, d): query head h of row r -> segment r * n_kv + h // G
