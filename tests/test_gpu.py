@@ -207,4 +207,6 @@ def test_imports_without_triton():
             "from minikv.gpu import bench, layout, plots, reference\n"
             "s = g.FlatStore.from_selection(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.ones(1, 2, 5, dtype=torch.bool))\n"
             "assert s.attend(torch.randn(1, 4, 1, 4), 0.5).shape == (1, 4, 1, 4)\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    from pathlib import Path
+
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
