@@ -25,6 +25,9 @@ class ExerciseFailure(AssertionError):
     """The learner's function gave a wrong answer; the message says where and, if it can, why."""
 
 
+ExerciseFailure.__module__ = "minikv.exercises"  # how tracebacks name it
+
+
 @dataclass
 class Case:
     """One input of a checker: a description for messages, the arguments, and the reference answer."""
@@ -110,6 +113,15 @@ def diagnose(got, case: Case, mistakes: list[Mistake], **tol) -> str:
     return "".join(f"\n  hint: {h}" for h in hints)
 
 
+def show_small(case: Case, limit: int = 24) -> str:
+    """The inputs themselves, when they are small enough to read (hypothesis shrinks failures to such cases)."""
+    tensors = [a for a in case.args if isinstance(a, torch.Tensor)]
+    if not tensors or any(t.numel() > limit for t in tensors):
+        return ""
+    shown = [repr(a).replace("\n", "\n    ") for a in case.args] + [f"{k}={v!r}" for k, v in case.kwargs.items()]
+    return "\n  your function was called with:\n    " + ",\n    ".join(shown)
+
+
 def fmt(x) -> str:
     if isinstance(x, torch.Tensor) and x.dim() == 0:
         x = x.item()
@@ -178,7 +190,7 @@ def run_checker(name: str, fn: Callable, worked: list[Case], cases: st.SearchStr
         problem = compare(got, expected, case)
         if problem is not None:
             raise ExerciseFailure(f"{name} is not right yet, on {case.name}:\n  {problem}"
-                                  + diagnose(got, case, list(mistakes), **tol))
+                                  + diagnose(got, case, list(mistakes), **tol) + show_small(case))
 
     for case in worked:  # NotImplementedError from here reaches the notebook unchanged
         check_one(case)
