@@ -21,8 +21,12 @@ __all__ = [
 
 
 def __getattr__(name):  # the model-facing API loads transformers only when asked for
-    if name in ("load_model", "generate", "RaggedCache", "apply_press"):
+    if name in ("load_model", "generate", "apply_press", "attach", "GenerationResult"):
         from . import hf
 
         return getattr(hf, name)
+    if name in ("RaggedCache", "ListStore"):
+        from . import cache
+
+        return getattr(cache, name)
     raise AttributeError(f"module 'minikv' has no attribute {name!r}")

