@@ -149,6 +149,36 @@ def apply_press(press, model):
             h.remove()
 
 
+@torch.no_grad()
+def capture_layers(model, input_ids, n_queries: int = 64, layers=None) -> dict[int, LayerInputs]:
+    """Prefill ``input_ids`` (uncompressed) and return what each layer offers a scorer.
+
+    -> {layer_idx: LayerInputs(keys, values, queries of the last n_queries tokens, o_proj weight)};
+    the tensors are exactly those a press would see, so notebooks can run SnapKV step by step.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    attach(model)
+    mods = attention_modules(model)
+    wanted = set(range(len(mods))) if layers is None else set(layers)
+    seen: dict[int, tuple] = {}
+
+    def grab(module, args, kwargs, output):
+        if module.layer_idx in wanted:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            q = window_queries(module, hidden, kwargs["position_embeddings"], n_queries) if n_queries else None
+            seen[module.layer_idx] = (q, module.o_proj.weight)
+
+    handles = [m.register_forward_hook(grab, with_kwargs=True) for m in mods]
+    cache = DynamicCache()
+    try:
+        model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=True, **{cache_kwarg(model): cache})
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: LayerInputs(cache.layers[i].keys, cache.layers[i].values, q, w) for i, (q, w) in sorted(seen.items())}
+
+
 # --------------------------------------------------------------------------------------------
 # loading SmolLM2 offline
 # --------------------------------------------------------------------------------------------

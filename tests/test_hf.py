@@ -157,3 +157,18 @@ def test_ragged_layer_refuses_unattached_attention(smollm2):
     cache = prefill(model, ctx_ids, minikv.get_press("adakv_snapkv", 0.5))
     with pytest.raises(RuntimeError, match="ragged"):
         cache.update(torch.zeros(1, 3, 1, 64), torch.zeros(1, 3, 1, 64), 0)
+
+
+@pytest.mark.model
+def test_capture_layers_gives_what_the_press_sees(smollm2):
+    """Scoring the captured inputs by hand selects exactly what compression inside the model selected."""
+    model, tok = smollm2
+    from minikv.hf import capture_layers
+
+    ctx_ids, _ = split_chat_template(tok, haystack(4), QUESTION)
+    press = minikv.get_press("adakv_snapkv", 0.5)
+    captured = capture_layers(model, ctx_ids, n_queries=64, layers=[0, 17])
+    cache = prefill(model, ctx_ids, press)
+    for i, inputs in captured.items():
+        assert inputs.keys.shape == (1, 3, ctx_ids.shape[1], 64) and inputs.queries.shape == (1, 9, 64, 64)
+        assert torch.equal(press.select(inputs).keep, cache.selections[i].keep)
