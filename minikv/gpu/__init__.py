@@ -8,6 +8,8 @@ Triton and no GPU: the Triton kernel is imported only when a CUDA decode step ru
 * ``triton_decode``  -- the decode kernel (split-K over each segment) and its merge
 * ``reference``      -- the slow, obvious float32 definition the kernel is tested against
 * ``bench``          -- ``python -m minikv bench``: full vs masked vs padded vs ragged attention
+* ``e2e``            -- SmolLM2 decode tokens/s on the GPU, full cache vs presses
+* ``plots``          -- the layout picture and the benchmark's figures (from its JSON)
 """
 
 from .store import FlatStore
