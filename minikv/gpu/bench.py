@@ -46,6 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per variant")
     parser.add_argument("--sweep", action="store_true", help="first try kernel tilings and keep the fastest")
     parser.add_argument("--overhead", action="store_true", help="also time selection + FlatStore build vs a 32k prefill")
+    parser.add_argument("--layer-step", action="store_true", help="also time one layer's append vs attend")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this many seconds")
     parser.add_argument("--out", default=os.environ.get("OUT", "results/gpu"), help="folder for bench_<gpu>.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -234,6 +235,39 @@ def overhead(device, dtype, rep_ms, log):
     return rows
 
 
+# -- one layer's decode step, split into its parts ----------------------------------------------------
+def layer_step(device, dtype, rep_ms, log):
+    """Where a compressed layer's decode time goes: writing the new token vs attending (eager and graph)."""
+    from . import layout
+    from .store import FlatStore
+
+    rows = []
+    for model, L, b in (("smollm2", 8192, 64), ("llama8b", 32768, 8)):
+        m = MODELS[model]
+        gen = torch.Generator(device=device).manual_seed(4)
+        keys = torch.randn(b, m["n_kv"], L, m["d"], device=device, dtype=dtype, generator=gen)
+        keep, _, _ = adakv_selection(b, m["n_kv"], L, 0.75, gen, device)
+        store = FlatStore.from_selection(keys, keys, keep)
+        del keys
+        nk = torch.randn(b, m["n_kv"], 1, m["d"], device=device, dtype=dtype, generator=gen)
+        query = torch.randn(b, m["H"], 1, m["d"], device=device, dtype=dtype, generator=gen)
+
+        def write():  # append without moving the lengths on, so it can be repeated
+            slots = layout.append_slots(store.starts, store._lengths, 1).reshape(-1)
+            store.k_flat[slots] = nk.reshape(-1, m["d"])
+            store.v_flat[slots] = nk.reshape(-1, m["d"])
+
+        attend = lambda: store.attend(query, m["d"] ** -0.5)
+        row = dict(model=model, L=L, b=b, ratio=0.75, kv_bytes=store.nbytes,
+                   write_ms=timed(write, rep_ms), write_graph_ms=timed_graph(write, rep_ms),
+                   attend_ms=timed(attend, rep_ms), attend_graph_ms=timed_graph(attend, rep_ms))
+        log(f"  layer step {model} L={L} b={b}: write {1e3 * row['write_ms']:.1f} us (graph {1e3 * row['write_graph_ms']:.1f}), "
+            f"attend {1e3 * row['attend_ms']:.1f} us (graph {1e3 * row['attend_graph_ms']:.1f}), KV {store.nbytes / 1e9:.3f} GB")
+        rows.append(row)
+        del store
+    return rows
+
+
 # -- the main comparison ------------------------------------------------------------------------------
 def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
     from .store import FlatStore
@@ -355,6 +389,9 @@ def run(args) -> int:
         save()
     if args.overhead:
         out["overhead"] = overhead(device, dtype, args.rep_ms, log)
+        save()
+    if args.layer_step:
+        out["layer_step"] = layer_step(device, dtype, args.rep_ms, log)
         save()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     ratios = [float(r) for r in args.ratios.split(",")]
