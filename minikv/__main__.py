@@ -26,6 +26,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compare", action="store_true", help="also run every main press at the same ratio")
 
+    p = sub.add_parser("bench", help="GPU: full vs masked vs padded vs ragged (Triton) decode attention")
+    from .gpu import bench
+
+    bench.add_arguments(p)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -33,6 +38,8 @@ def main(argv=None) -> int:
         run_demo(args.out, args.compression_ratio)
     elif args.command == "generate":
         run_generate(args)
+    elif args.command == "bench":
+        return bench.run(args)
     return 0
 
 
