@@ -172,3 +172,30 @@ def test_capture_layers_gives_what_the_press_sees(smollm2):
     for i, inputs in captured.items():
         assert inputs.keys.shape == (1, 3, ctx_ids.shape[1], 64) and inputs.queries.shape == (1, 9, 64, 64)
         assert torch.equal(press.select(inputs).keep, cache.selections[i].keep)
+
+
+@pytest.mark.model
+def test_window_queries_are_the_models_own_queries(smollm2):
+    """SnapKV's recomputed window queries (q_proj + RoPE at true positions) equal the queries attention used."""
+    from transformers import AttentionInterface
+    from minikv.hf import capture_layers, ragged_attention
+
+    model, tok = smollm2
+    ctx_ids, _ = split_chat_template(tok, haystack(3), QUESTION)
+    seen = {}
+
+    def spy(module, query, *args, **kwargs):
+        seen[module.layer_idx] = query[:, :, -64:].clone()
+        return ragged_attention(module, query, *args, **kwargs)
+
+    AttentionInterface.register("minikv_spy", spy)
+    old = model.config._attn_implementation
+    model.set_attn_implementation("minikv_spy")
+    try:
+        with torch.no_grad():
+            model(input_ids=ctx_ids)
+    finally:
+        model.set_attn_implementation(old)
+    captured = capture_layers(model, ctx_ids, n_queries=64, layers=[0, 29])
+    for i, inputs in captured.items():
+        torch.testing.assert_close(inputs.queries, seen[i], atol=1e-5, rtol=1e-5)
