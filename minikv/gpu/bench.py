@@ -254,8 +254,8 @@ def layer_step(device, dtype, rep_ms, log):
 
         def write():  # append without moving the lengths on, so it can be repeated
             slots = layout.append_slots(store.starts, store._lengths, 1).reshape(-1)
-            store.k_flat[slots] = nk.reshape(-1, m["d"])
-            store.v_flat[slots] = nk.reshape(-1, m["d"])
+            store.k_flat.index_copy_(0, slots, nk.reshape(-1, m["d"]))
+            store.v_flat.index_copy_(0, slots, nk.reshape(-1, m["d"]))
 
         attend = lambda: store.attend(query, m["d"] ** -0.5)
         row = dict(model=model, L=L, b=b, ratio=0.75, kv_bytes=store.nbytes,

@@ -88,7 +88,8 @@ def append_slots(starts: torch.Tensor, lengths: torch.Tensor, q: int) -> torch.T
             [ 7,  8],
             [12, 13]])
     """
-    return (starts + lengths)[:, None] + torch.arange(q, device=starts.device)
+    ends = starts + lengths  # (S,) first free row of each segment
+    return ends[:, None] if q == 1 else ends[:, None] + torch.arange(q, device=starts.device)
 
 
 def relayout(k_flat, v_flat, starts, lengths, n_total: int, reserve: int):

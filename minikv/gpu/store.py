@@ -79,8 +79,9 @@ class FlatStore:
                 self.k_flat, self.v_flat, self.starts, self._lengths, self.n_total, max(self.reserve, q))
             self.room = max(self.reserve, q)
         slots = layout.append_slots(self.starts, self._lengths, q).reshape(-1)  # (S * q,)
-        self.k_flat[slots] = keys.reshape(-1, d).to(self.k_flat.dtype)
-        self.v_flat[slots] = values.reshape(-1, d).to(self.v_flat.dtype)
+        # index_copy_ rather than k_flat[slots] = ...: same result, a fraction of the launch overhead
+        self.k_flat.index_copy_(0, slots, keys.reshape(-1, d).to(self.k_flat.dtype))
+        self.v_flat.index_copy_(0, slots, values.reshape(-1, d).to(self.v_flat.dtype))
         self._lengths = self._lengths + q
         self.n_total += q * b * n_kv
         self.max_len += q
