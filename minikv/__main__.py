@@ -31,6 +31,11 @@ def main(argv=None) -> int:
 
     bench.add_arguments(p)
 
+    p = sub.add_parser("eval", help="presses x compression ratios x tasks on a real model -> JSONL, CSV, plot")
+    from .evaluate import add_arguments as add_eval_arguments
+
+    add_eval_arguments(p)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -38,6 +43,10 @@ def main(argv=None) -> int:
         run_demo(args.out, args.compression_ratio)
     elif args.command == "generate":
         run_generate(args)
+    elif args.command == "eval":
+        from .evaluate import run as run_eval
+
+        return run_eval(args)
     elif args.command == "bench":
         return bench.run(args)
     return 0
