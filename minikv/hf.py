@@ -118,6 +118,7 @@ def apply_press(press, model):
     attach(model)
     handles = []
 
+    @torch.no_grad()
     def compress(module, args, kwargs, output):
         cache = _cache_from(kwargs)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -136,7 +137,7 @@ def apply_press(press, model):
         press.check(keys.shape[-2])
         n_q = press.needs_queries
         queries = window_queries(module, hidden, kwargs["position_embeddings"], n_q) if n_q else None
-        inputs = LayerInputs(keys, values, queries, module.o_proj.weight)
+        inputs = LayerInputs(keys, values, queries, module.o_proj.weight.detach())
         cache.compress_layer(idx, press.select(inputs))
         return None
 
@@ -167,7 +168,7 @@ def capture_layers(model, input_ids, n_queries: int = 64, layers=None) -> dict[i
         if module.layer_idx in wanted:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             q = window_queries(module, hidden, kwargs["position_embeddings"], n_queries) if n_queries else None
-            seen[module.layer_idx] = (q, module.o_proj.weight)
+            seen[module.layer_idx] = (q, module.o_proj.weight.detach())
 
     handles = [m.register_forward_hook(grab, with_kwargs=True) for m in mods]
     cache = DynamicCache()
