@@ -335,7 +335,8 @@ def generate(model, tokenizer, context, question, press=None, max_new_tokens: in
     attach(model)
 
     cache = RaggedCache()
-    step = lambda ids: model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1]
+    # logits_to_keep=1: only the last position's logits (a 4k x 49k-vocab logit tensor per row is wasted memory)
+    step = lambda ids: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
     with apply_press(press, model):
         step(ctx_ids)
     kept = cache.kept_counts()  # (layers, b, n_kv)
