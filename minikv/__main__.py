@@ -77,7 +77,7 @@ def run_generate(args) -> None:
         print(f"  answer: {res.answer!r}" + (f"  ({'correct' if answer and answer in res.answer else 'wrong'})" if answer else ""))
         print(f"  KV cache: {res.cache_nbytes / 2**20:.2f} MiB of {res.full_cache_nbytes / 2**20:.2f} MiB "
               f"({100 * res.kept_fraction:.1f}%)")
-        print(f"  kept tokens per KV head, layers 0/10/20/29: "
+        print("  kept tokens per KV head, layers 0/10/20/29: "
               + "  ".join(str(counts[i].tolist()) for i in (0, 10, 20, len(counts) - 1) if i < len(counts)))
 
 

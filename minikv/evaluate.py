@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import platform
 import re
 import sys

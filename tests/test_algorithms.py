@@ -1,6 +1,5 @@
 """Properties of the presses on plain tensors (SPEC.md semantics)."""
 
-import math
 
 import pytest
 import torch
