@@ -122,15 +122,11 @@ def continuation_logprobs(model, ctx_ids: torch.Tensor, cont_ids: torch.Tensor, 
     -> (logprobs (b, C, vocab) float32, kept counts (layers, b, n_kv), cache bytes, full cache bytes).
     Row t of the log-probabilities predicts the token after cont_ids[:, t].
     """
-    from .cache import RaggedCache
-    from .hf import apply_press, cache_kwarg
+    from .hf import cache_kwarg, prefill
 
-    cache = RaggedCache()
-    kw = {cache_kwarg(model): cache, "use_cache": True}
-    with apply_press(press, model):
-        model(input_ids=ctx_ids, logits_to_keep=1, **kw)
+    cache, _ = prefill(model, ctx_ids, press)
     kept, nbytes, full = cache.kept_counts(), cache.nbytes(), cache.full_nbytes()
-    logits = model(input_ids=cont_ids, **kw).logits  # (b, C, vocab)
+    logits = model(input_ids=cont_ids, use_cache=True, **{cache_kwarg(model): cache}).logits  # (b, C, vocab)
     return torch.log_softmax(logits.float(), dim=-1), kept, nbytes, full
 
 

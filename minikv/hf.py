@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +147,22 @@ def apply_press(press, model):
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def prefill(model, input_ids, press=None):
+    """Run ``input_ids`` (b, L) through ``model`` into a fresh RaggedCache, compressing it with ``press``.
+
+    -> (cache, logits of the last position (b, vocab)). Later forwards with the same cache append
+    to it uncompressed; their RoPE positions continue from L.
+    """
+    from .policies import NoPress
+
+    cache = RaggedCache()
+    with apply_press(press if press is not None else NoPress(), model):
+        # logits_to_keep=1: only the last position's logits (a 4k x 49k-vocab tensor per row is wasted memory)
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    return cache, out.logits[:, -1]
 
 
 @torch.no_grad()
@@ -334,11 +349,8 @@ def generate(model, tokenizer, context, question, press=None, max_new_tokens: in
     q_ids = torch.cat([p[1] for p in pairs]).to(device)  # (b, q)
     attach(model)
 
-    cache = RaggedCache()
-    # logits_to_keep=1: only the last position's logits (a 4k x 49k-vocab logit tensor per row is wasted memory)
+    cache, _ = prefill(model, ctx_ids, press)
     step = lambda ids: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
-    with apply_press(press, model):
-        step(ctx_ids)
     kept = cache.kept_counts()  # (layers, b, n_kv)
     cache_nbytes = cache.nbytes()
     full_nbytes = cache.full_nbytes()

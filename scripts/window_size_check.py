@@ -10,9 +10,8 @@ layer under snapkv and adakv_snapkv with a 16-token window. About 3 minutes on 2
 import torch
 
 import minikv
-from minikv.cache import RaggedCache
 from minikv.evaluate import score_answer
-from minikv.hf import apply_press, cache_kwarg, split_chat_template
+from minikv.hf import prefill, split_chat_template
 from minikv.tasks import passkey_sample
 
 CASES = [("snapkv", {}), ("snapkv", {"window_size": 16}), ("adakv_snapkv", {"window_size": 16}),
@@ -34,9 +33,7 @@ def main(n_samples: int = 10, ratio: float = 0.5):
     starts = [i for i in range(len(ids) - len(key)) if ids[i:i + len(key)] == key]
     needle = torch.tensor([p + j for p in starts for j in range(len(key))])
     for name in ("snapkv", "adakv_snapkv"):
-        cache = RaggedCache()
-        with torch.no_grad(), apply_press(minikv.get_press(name, ratio, window_size=16), model):
-            model(input_ids=ctx, **{cache_kwarg(model): cache})
+        cache, _ = prefill(model, ctx, minikv.get_press(name, ratio, window_size=16))
         kept = torch.stack([cache.selections[i].keep[0][:, needle].float().mean(-1) for i in sorted(cache.selections)])
         counts = torch.stack([cache.selections[i].counts[0] for i in sorted(cache.selections)])
         print(f"{name}: key tokens kept {kept.mean():.2f} on average over layers and heads; "

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import minikv
-from minikv.cache import RaggedCache
-from minikv.hf import apply_press, cache_kwarg, split_chat_template
+from minikv.hf import cache_kwarg, split_chat_template
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
@@ -22,10 +21,7 @@ PRESSES = ["snapkv", "adakv_snapkv", "critical_snapkv", "critical_adakv_snapkv",
 
 
 def prefill(model, ids, press):
-    cache = RaggedCache()
-    with apply_press(press, model):
-        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
-    return cache
+    return minikv.hf.prefill(model, ids, press)[0]
 
 
 @pytest.mark.model

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import minikv
-from minikv.cache import RaggedCache
-from minikv.hf import apply_press, cache_kwarg
+from minikv.hf import cache_kwarg, prefill
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -85,10 +84,8 @@ def test_smollm2_matches_kvpress(smollm2, prompt):
     worst = 0.0
     for run in runs:
         press = press_for(run["press"], run["compression_ratio"])
-        cache = RaggedCache()
+        cache, _ = prefill(model, ctx, press)
         with torch.no_grad():
-            with apply_press(press, model):
-                model(input_ids=ctx, use_cache=True, **{kw: cache})
             logits = model(input_ids=qst, use_cache=True, **{kw: cache}).logits[0, -1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         where = f"{prompt['name']} {run['press']} cr={run['compression_ratio']}"

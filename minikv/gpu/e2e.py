@@ -28,16 +28,13 @@ def add_arguments(parser) -> None:
 
 @torch.no_grad()
 def decode_run(model, press, ctx, steps):
-    from ..cache import RaggedCache
-    from ..hf import apply_press, cache_kwarg
+    from ..hf import cache_kwarg, prefill
 
     sync = torch.cuda.synchronize if ctx.is_cuda else (lambda: None)
-    cache = RaggedCache()
-    kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
     sync()
     t0 = time.perf_counter()
-    with apply_press(press, model):
-        logits = model(input_ids=ctx, **kw).logits[:, -1]
+    cache, logits = prefill(model, ctx, press)
+    kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
     sync()
     prefill_s = time.perf_counter() - t0
     nbytes = cache.nbytes()
