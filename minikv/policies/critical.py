@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import check_alpha, n_safe as safe_floor
-from .adakv import adakv_keep_mask
+from .adakv import adakv_budgets
 from .base import Press, topk_mask, topk_mask_per_head
 
 
@@ -99,7 +99,7 @@ class CriticalAdaKV(Press):
 
     def keep_mask(self, scores, inputs, n_kept):
         n_safe = safe_floor(n_kept, self.alpha_safeguard)
-        budgets = adakv_keep_mask(scores, n_kept, self.alpha_safeguard).sum(dim=-1)  # (b, n_kv)
+        budgets = adakv_budgets(scores, n_kept, self.alpha_safeguard)  # (b, n_kv)
         stage1 = torch.clamp((budgets * self.first_stage_ratio).long(), min=n_safe)  # (b, n_kv)
         protected = topk_mask_per_head(scores, stage1)
         stage2 = critical_scores(scores, inputs.values, _need_o_proj(inputs), protected, self.epsilon)
