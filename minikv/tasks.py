@@ -148,3 +148,162 @@ def make_samples(task: str, n_tokens: int, n: int, seed: int = 0) -> list[Sample
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     return [TASKS[task](i, n_tokens, seed=seed) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# natural text, cut in tokens (held-out fidelity and continuation tasks)
+# --------------------------------------------------------------------------------------------
+def natural_text() -> str:
+    """Long, non-repetitive English that ships with every Python (the help topics of ``pydoc_data``),
+    followed by minikv's own prose (minikv/data/harbour_town.txt). Nothing is downloaded."""
+    from pydoc_data.topics import topics
+
+    parts = [topics[k].strip() for k in sorted(topics)]
+    return "\n\n".join(parts + ["\n\n".join(prose_paragraphs())])
+
+
+def natural_text_windows(tok, n_tokens: int, n_cont: int, n: int):
+    """n disjoint windows of ``n_tokens + n_cont`` tokens of :func:`natural_text`: (n, n_tokens + n_cont) ids.
+
+    The first n_tokens of a row are the (compressed) context, the rest its true continuation.
+    Windows do not overlap, so samples share no tokens; asking for more than the text holds is an error.
+    """
+    import torch
+
+    ids = tok(natural_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    width = n_tokens + n_cont
+    have = len(ids) // width
+    if n > have:
+        raise ValueError(f"the natural text holds {have} disjoint windows of {width} tokens; asked for n = {n} samples")
+    return torch.stack([ids[i * width:(i + 1) * width] for i in range(n)])  # (n, width)
+
+
+# --------------------------------------------------------------------------------------------
+# question-agnostic QA: facts with distractors in natural prose, several questions per context
+# --------------------------------------------------------------------------------------------
+FIRST_NAMES = ["Orla", "Tomas", "Wen", "Priya", "Jonas", "Ines", "Kofi", "Mei", "Lars", "Amara", "Diego", "Hana",
+               "Felix", "Noor", "Ivan", "Rosa", "Emil", "Yara", "Omar", "Lena", "Kai", "Zofia", "Ravi", "Greta"]
+LAST_NAMES = ["Penhale", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Castell", "Brandt", "Haddad", "Novak",
+              "Quint", "Falk", "Serrano", "Whitlow", "Aldana", "Kerrigan", "Voss"]
+#: template -> (fact, question, answer prefix, values); the answer is the value, copied after the prefix
+QA_TEMPLATES = {
+    "town": ("{name} lives in the town of {v}.", "In which town does {name} live?", "{name} lives in the town of",
+             ["Aberdale", "Corrin Bay", "Westmoor", "Pellham", "Dunraven", "Ashcombe", "Kilmory", "Tarrow",
+              "Brightwater", "Elmsford", "Harlow End", "Oakhurst"]),
+    "boat": ("{name} owns a small boat called the {v}.", "What is {name}'s boat called?", "{name}'s boat is called the",
+             ["Grey Heron", "Silver Gull", "Morning Star", "Red Fox", "Quiet Tide", "Blue Lantern", "Swift Otter",
+              "Old Compass", "Green Kestrel", "Salt Wren"]),
+    "job": ("{name} works as a {v}.", "What does {name} work as?", "{name} works as a",
+            ["carpenter", "pharmacist", "surveyor", "librarian", "beekeeper", "glassblower", "harbour pilot",
+             "bookbinder", "clockmaker", "cartographer"]),
+    "pet": ("{name} has a cat named {v}.", "What is the name of {name}'s cat?", "{name}'s cat is named",
+            ["Pepper", "Mango", "Biscuit", "Juniper", "Sable", "Tofu", "Clementine", "Marble", "Pickle", "Saffron"]),
+    "number": ("The locker of {name} is number {v}.", "What is the number of {name}'s locker?",
+               "The locker of {name} is number",
+               [str(n) for n in range(214, 990, 37)]),
+}
+QA_INSTRUCTION = "Read the notes below carefully; questions about the people in them follow.\n\n"
+
+
+@dataclass
+class QASample:
+    """One question-agnostic QA context: token ids of the compressed part and its questions."""
+
+    sample_id: int
+    context_ids: list  # token ids of the compressed part (chat-template start + instruction + notes), len n_tokens
+    questions: list  # [{"template", "question_ids", "prefix_ids", "answer_ids", "answer", "depth"}]
+    instruction_tokens: int  # how many leading tokens are template + instruction (not notes)
+
+
+def _ids(tok, text: str) -> list:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def qa_sample(tok, sample_id: int, n_tokens: int = 1024, n_questions: int = 4, n_distractors: int = 1, seed: int = 0) -> QASample:
+    """Facts about people ("Orla Penhale owns a small boat called the Grey Heron.") spread through
+    natural prose; each asked fact has ``n_distractors`` facts of the same template about other people.
+
+    Built in tokens, so every sample of a length has exactly ``n_tokens`` compressed tokens (batch rows
+    of equal length); the prose filler is natural_text() from a seeded offset. The questions come
+    after compression (question-agnostic, kvpress's default), each followed by the chat template's
+    assistant turn and an answer prefix that repeats the fact's wording, so the gold answer is the
+    next tokens and can be scored by teacher forcing.
+    """
+    rng = _rng("qa", n_tokens, n_questions, n_distractors, seed, sample_id)
+    names = rng.sample([f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES], n_questions * (1 + n_distractors))
+    templates = rng.sample(sorted(QA_TEMPLATES), n_questions)
+    facts, questions = [], []
+    for qi, t in enumerate(templates):
+        fact, question, prefix, values = QA_TEMPLATES[t]
+        vals = rng.sample(values, 1 + n_distractors)
+        who = names[qi * (1 + n_distractors):(qi + 1) * (1 + n_distractors)]
+        for j, (name, v) in enumerate(zip(who, vals)):
+            facts.append((qi if j == 0 else None, fact.format(name=name, v=v)))
+        questions.append(dict(template=t, question=question.format(name=who[0]), prefix=prefix.format(name=who[0]),
+                              answer=vals[0]))
+    rng.shuffle(facts)
+    # template start + instruction, then notes = prose with the facts at seeded places
+    head = _chat_prefix(tok) + _ids(tok, QA_INSTRUCTION)
+    fact_ids = [(qi, _ids(tok, " " + f)) for qi, f in facts]
+    n_fill = n_tokens - len(head) - sum(len(x) for _, x in fact_ids)
+    if n_fill < 32:
+        raise ValueError(f"qa:{n_tokens} is too short for {len(facts)} facts; use more tokens")
+    text_ids = _natural_ids(tok)
+    start = rng.randrange(0, len(text_ids) - n_fill)
+    filler = text_ids[start:start + n_fill]
+    # facts go in after a token that ends a sentence or a line, so none cuts a sentence in two
+    ends = [i + 1 for i, t in enumerate(filler[:-1]) if _ends_sentence(tok, t)]
+    if len(ends) < len(fact_ids):
+        ends = list(range(1, n_fill))
+    cuts = sorted(rng.sample(ends, len(fact_ids)))
+    body, depth, prev = [], {}, 0
+    for (qi, f), c in zip(fact_ids, cuts):
+        body += filler[prev:c]
+        if qi is not None:
+            depth[qi] = round(c / n_fill, 3)
+        body += f
+        prev = c
+    body += filler[prev:]
+    ctx = head + body
+    assert len(ctx) == n_tokens, (len(ctx), n_tokens)
+    suffix = _chat_suffix(tok)
+    for qi, q in enumerate(questions):
+        q["question_ids"] = _ids(tok, "\n\n" + q.pop("question")) + suffix
+        q["prefix_ids"] = _ids(tok, q.pop("prefix"))
+        q["answer_ids"] = _ids(tok, " " + q["answer"])
+        q["depth"] = depth[qi]
+    return QASample(sample_id, ctx, questions, len(head))
+
+
+_CACHE: dict = {}
+
+
+def _ends_sentence(tok, token_id: int) -> bool:
+    key = ("end", getattr(tok, "name_or_path", id(tok)), token_id)
+    if key not in _CACHE:
+        text = tok.decode([token_id])
+        _CACHE[key] = text.rstrip(" ").endswith((".", "\n", ":", "?", "!"))
+    return _CACHE[key]
+
+
+def _natural_ids(tok) -> list:
+    key = ("natural", getattr(tok, "name_or_path", id(tok)))
+    if key not in _CACHE:
+        _CACHE[key] = _ids(tok, natural_text())
+    return _CACHE[key]
+
+
+def _chat_prefix(tok) -> list:
+    """Token ids of the chat template up to where the user's message starts (empty without a template)."""
+    from .hf import split_chat_template
+
+    ctx, _ = split_chat_template(tok, "", "")
+    return ctx[0].tolist()
+
+
+def _chat_suffix(tok) -> list:
+    """Token ids of the chat template after the user's message: end of turn + assistant header."""
+    from .hf import split_chat_template
+
+    _, after = split_chat_template(tok, "", "")
+    return after[0].tolist()
