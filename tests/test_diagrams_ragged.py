@@ -25,7 +25,7 @@ def test_draws_in_both_languages(lang):
         for s, st in enumerate([0, 9, 13]):
             assert f"starts[{s}] = {st}" in words
         # plan_splits(14 tokens, longest 7, block_n 2, 4 programs) -> chunk 4, 2 chunks; segment 1 has one empty program
-        assert "chunk = 4" in words and ("2 chunks" in words or "2 个分块" in words)
+        assert ("chunk = 4" in words and "2 chunks" in words) if lang == "en" else ("4 个 Token" in words and "2 个分片" in words)
         assert sum("lo ≥ length" in w for w in texts(fig)) == 1
         assert sum("(m, l, acc)" in w for w in texts(fig)) == 5  # 2 + 1 + 2 chunks that hold tokens
     finally:

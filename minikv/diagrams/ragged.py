@@ -126,8 +126,8 @@ def draw_ragged(lang: str | None = None, lengths=(7, 2, 5), reserve: int = 2, bl
     bot.axis("off")
     bot.set_title(t(f"2. Split-K: chunk = {chunk} tokens ({chunk // block_n} tiles of BLOCK_N = {block_n}), "
                     f"grid = {len(lengths)} segments × {num_splits} chunks",
-                    f"2. Split-K：chunk = {chunk} 个 Token（{chunk // block_n} 个 BLOCK_N = {block_n} 的分块），"
-                    f"grid = {len(lengths)} 段 × {num_splits} 个分块"),
+                    f"2. Split-K：每个分片（chunk）{chunk} 个 Token（{chunk // block_n} 个 BLOCK_N = {block_n} 的分块），"
+                    f"grid = {len(lengths)} 段 × {num_splits} 个分片"),
                   loc="left", fontsize=11, **tk)
     fig.tight_layout()
     return fig
