@@ -1,6 +1,9 @@
 """The GPU path (minikv.gpu) against the slow float32 definition (minikv.gpu.reference).
 
-The layout tests run anywhere (the layout is plain PyTorch); the Triton kernel tests need CUDA.
+The layout tests run anywhere (the layout is plain PyTorch); the Triton kernel tests need CUDA,
+or run on the CPU under Triton's interpreter when Triton is installed (``test_kernels_in_interpreter``).
+The static decoder (``minikv.gpu.decoder``) is checked against the model's own forward on a tiny
+random Llama: on the CPU with PyTorch ops, on CUDA with the Triton kernels and CUDA graphs.
 Errors are ||out - ref|| / ||ref|| on fresh random inputs, with the reference in float32 on
 the same (upcast) inputs: fp32 kernels land near 1e-6, fp16 near 5e-4, bf16 near 4e-3.
 """
@@ -11,7 +14,13 @@ import torch
 from minikv.gpu import FlatStore, layout
 from minikv.gpu.reference import append_segments, ragged_attention, segments_from_selection
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def cuda(fn):
+    """Marks a test that needs CUDA: skipped without it, selected by ``-m gpu``."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(fn))
+
+
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
 
@@ -36,6 +45,17 @@ def random_layer(b, n_kv, L, d, gen, dtype=torch.float32, device="cpu"):
     keys = torch.randn(b, n_kv, L, d, generator=gen).to(device, dtype)
     values = torch.randn(b, n_kv, L, d, generator=gen).to(device, dtype)
     return keys, values
+
+
+def cuda_case(seed, b, n_kv, g, L, d, dtype=torch.bfloat16, reserve=0, extremes=True):
+    """A random ragged layer on the GPU: (store, query (b, H, 1, d), each head's keys, each head's values)."""
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = random_layer(b, n_kv, L, d, gen, dtype, "cuda")
+    keep = ragged_keep(b, n_kv, L, gen, "cuda", extremes=extremes)
+    store = FlatStore.from_selection(keys, values, keep, reserve=reserve)
+    query = (torch.randn(b, n_kv * g, 1, d, generator=gen) * 2).to("cuda", dtype)
+    ks, vs = segments_from_selection(keys, values, keep)
+    return store, query, ks, vs
 
 
 # -- layout math: any device -------------------------------------------------------------------
@@ -204,9 +224,351 @@ def test_imports_without_triton():
 
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, minikv.gpu as g\n"
-            "from minikv.gpu import bench, layout, plots, reference\n"
+            "from minikv.gpu import bench, decoder, e2e, layout, notes, plots, reference\n"
             "s = g.FlatStore.from_selection(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.ones(1, 2, 5, dtype=torch.bool))\n"
             "assert s.attend(torch.randn(1, 4, 1, 4), 0.5).shape == (1, 4, 1, 4)\n")
     from pathlib import Path
 
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# -- head dims, the fused merge, unsupported cases ----------------------------------------------
+def test_kernel_supports():
+    assert layout.kernel_supports(64, torch.bfloat16) and layout.kernel_supports(80, torch.bfloat16)
+    assert layout.kernel_supports(96, torch.float16) and layout.kernel_supports(256, torch.float32)
+    assert not layout.kernel_supports(257, torch.bfloat16) and not layout.kernel_supports(512, torch.float16)
+    assert not layout.kernel_supports(64, torch.float64) and not layout.kernel_supports(0, torch.bfloat16)
+
+
+@cuda
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (80, torch.bfloat16), (96, torch.bfloat16),
+                                     (128, torch.bfloat16), (256, torch.bfloat16), (96, torch.float16),
+                                     (80, torch.float32)])
+def test_triton_any_head_dim(d, dtype, fused):
+    """Any head dim up to 256, fused or two-launch merge, with the grid sized by capacity (as in a CUDA graph)."""
+    pytest.importorskip("triton")
+    from minikv.gpu.triton_decode import flat_decode_attention
+
+    store, query, ks, vs = cuda_case(d + fused, 3, 4, 4, 3000, d, dtype, reserve=64)
+    ref = ragged_attention(query, ks, vs, d ** -0.5)
+    n_cap, max_cap = store.capacity_bounds()  # larger than n_total / max_len: programs past the end stop
+    out = flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths, d ** -0.5,
+                                n_cap, max_cap, fused=fused)
+    assert out.shape == query.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype], f"d={d} {dtype} fused={fused}: rel err {rel_err(out, ref):.2e}"
+    assert torch.equal(store.attend(query, d ** -0.5), store.attend(query, d ** -0.5))  # deterministic
+
+
+@cuda
+def test_fused_merge_resets_its_counters():
+    """Many chunks per segment (more than one merge block): same answer as the two-launch merge, every call."""
+    pytest.importorskip("triton")
+    from minikv.gpu.triton_decode import flat_decode_attention, merge_counters
+
+    d = 128
+    store, query, ks, vs = cuda_case(5, 2, 4, 4, 6000, d)
+    f = lambda fused: flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths, d ** -0.5,
+                                            store.n_total, store.max_len, block_n=16, programs=10_000, fused=fused)
+    first = f(True)
+    for _ in range(3):
+        assert torch.equal(f(True), first)
+    assert not merge_counters(query.device, store.starts.numel()).any(), "the last chunk must reset its segment's counter"
+    assert rel_err(first, f(False)) < 1e-6
+    assert rel_err(first, ragged_attention(query, ks, vs, d ** -0.5)) < TOL[torch.bfloat16]
+
+
+@cuda
+def test_unsupported_head_dim_takes_the_pytorch_path():
+    pytest.importorskip("triton")
+    from minikv.gpu.triton_decode import flat_decode_attention
+
+    d = 320
+    store, query, ks, vs = cuda_case(3, 2, 2, 2, 300, d, extremes=False)
+    assert rel_err(store.attend(query, d ** -0.5), ragged_attention(query, ks, vs, d ** -0.5)) < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="head dim"):
+        flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths, d ** -0.5,
+                              store.n_total, store.max_len)
+
+
+# -- uniform stores, in-place state -------------------------------------------------------------
+def test_uniform_store_is_a_dense_cache():
+    gen = torch.Generator().manual_seed(7)
+    b, n_kv, L, d = 2, 3, 9, 4
+    keys, values = random_layer(b, n_kv, L, d, gen)
+    store = FlatStore.uniform(keys, values, reserve=3)
+    assert store.is_uniform() and store.capacity_bounds() == (b * n_kv * (L + 3), L + 3)
+    kd, vd = store.dense_view()
+    assert kd.shape == (b, n_kv, L + 3, d) and torch.equal(kd[:, :, :L], keys) and torch.equal(vd[:, :, :L], values)
+    same = FlatStore.from_selection(keys, values, torch.ones(b, n_kv, L, dtype=torch.bool), reserve=3)
+    nk, nv = random_layer(b, n_kv, 1, d, gen)
+    for s in (store, same):
+        s.append(nk, nv)
+    assert torch.equal(kd[:, :, L], nk[:, :, 0]), "the append lands in the dense view"
+    for x, y in zip(store.dense(), same.dense()):
+        assert torch.equal(x, y)
+    assert not FlatStore.from_selection(keys, values, ragged_keep(b, n_kv, L, gen)).is_uniform()
+
+
+def test_append_is_in_place_and_snapshots_restore():
+    """A captured CUDA graph keeps reading the same lengths tensor: append and restore must not replace it."""
+    gen = torch.Generator().manual_seed(8)
+    keys, values = random_layer(2, 2, 12, 4, gen)
+    store = FlatStore.from_selection(keys, values, ragged_keep(2, 2, 12, gen), reserve=4)
+    lengths, before = store._lengths, store.lengths.clone()
+    snap = store.snapshot()
+    store.append(*random_layer(2, 2, 2, 4, gen))
+    assert store._lengths is lengths and torch.equal(store.lengths, before + 2) and store.room == 2
+    store.restore(snap)
+    assert store._lengths is lengths and torch.equal(store.lengths, before) and store.room == 4
+    assert (store.n_total, store.max_len) == (int(before.sum()), int(before.max()))
+    store.append(*random_layer(2, 2, 5, 4, gen))  # outgrows the reserve: a re-layout
+    with pytest.raises(RuntimeError, match="re-laid out"):
+        store.restore(snap)
+
+
+# -- the static decoder: whole decode steps ------------------------------------------------------
+def tiny_llama(device="cpu", dtype=torch.float32, **shape):
+    from minikv.gpu.e2e import TINY, random_llama
+    from minikv.hf import attach
+
+    return attach(random_llama(dict(TINY, **shape), torch.device(device), dtype, 0))
+
+
+def model_decode(model, stores, L, first, n_steps):
+    """The model's own forward on a RaggedCache of these stores (attention through PyTorch): tokens, logits."""
+    from minikv.gpu.e2e import hf_step, ragged_cache
+
+    for s in stores:
+        s.use_triton = False
+    cache, tok, toks, logits = ragged_cache(stores, L), first, [], []
+    with torch.no_grad():
+        for _ in range(n_steps):
+            lg = hf_step(model, cache, tok).float()
+            tok = lg.argmax(-1)
+            toks.append(tok)
+            logits.append(lg)
+    return toks, logits
+
+
+@pytest.mark.parametrize("press_name,attention", [("no_press", "sdpa"), ("no_press", "torch"),
+                                                  ("adakv_snapkv", "torch"), ("snapkv", "torch")])
+def test_static_decoder_matches_the_models_forward(press_name, attention):
+    """minikv's step (PyTorch ops) = the model's forward, step by step, across re-layouts (reserve 2, 7 steps)."""
+    from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
+    from minikv.registry import get_press
+
+    model = tiny_llama(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(1))
+    press = get_press(press_name, compression_ratio=0.0 if press_name == "no_press" else 0.5,
+                      **({} if press_name == "no_press" else dict(window_size=8)))
+
+    def stores():
+        pre = prefill_to_stores(model, ids, reserve=2, n_queries=8)
+        return pre, (pre.stores if press_name == "no_press" else compressed_stores(pre, press, model, reserve=2))
+
+    pre, ref_stores = stores()
+    first = pre.logits.argmax(-1)
+    toks, ref = model_decode(model, ref_stores, 40, first, 7)
+    _, dec_stores = stores()
+    dec = StaticDecoder(StepWeights(model), dec_stores, 40, first, attention=attention)
+    buffer = dec_stores[0].k_flat
+    for t in range(7):
+        dec.set_ids(first if t == 0 else toks[t - 1])
+        lg = dec.step().float()
+        assert rel_err(lg, ref[t]) < 1e-5, f"step {t}: rel err {rel_err(lg, ref[t]):.2e}"
+        assert torch.equal(lg.argmax(-1), toks[t])
+    assert dec_stores[0].k_flat is not buffer, "7 steps on a reserve of 2 must have re-laid the stores out"
+    assert torch.equal(dec_stores[0].lengths, ref_stores[0].lengths)
+
+
+def test_static_decoder_refuses_what_it_cannot_run():
+    from minikv.gpu.decoder import StaticDecoder, StepWeights, prefill_to_stores
+
+    model = tiny_llama()
+    pre = prefill_to_stores(model, torch.randint(0, 500, (2, 20)), reserve=2)
+    w = StepWeights(model)
+    first = pre.logits.argmax(-1)
+    with pytest.raises(ValueError, match="attention must be"):
+        StaticDecoder(w, pre.stores, 20, first, attention="flash")
+    with pytest.raises(ValueError, match="one store per layer"):
+        StaticDecoder(w, pre.stores[:1], 20, first)
+    with pytest.raises(ValueError, match="first_ids"):
+        StaticDecoder(w, pre.stores, 20, first[:1])
+    ragged = [FlatStore.from_selection(*s.dense_view(), ragged_keep(2, s.n_kv, s.dense_view()[0].shape[2], torch.Generator()))
+              for s in pre.stores]
+    with pytest.raises(ValueError, match="uniform"):
+        StaticDecoder(w, ragged, 20, first, attention="sdpa")
+    model.config.model_type = "phi3"
+    with pytest.raises(ValueError, match="model_type"):
+        StepWeights(model)
+    model.config.model_type = "llama"
+    model.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="silu"):
+        StepWeights(model)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["compressed", "static_triton", "static_sdpa"])
+def test_graph_decoder_matches_eager_and_the_model(mode):
+    """CUDA graphs (re-captured after each re-layout) = the same step run eagerly = the model's own forward."""
+    pytest.importorskip("triton")
+    from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
+    from minikv.registry import get_press
+
+    model = tiny_llama("cuda", torch.bfloat16, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, vocab_size=1024)
+    ids = torch.randint(0, 1000, (3, 300), generator=torch.Generator().manual_seed(2)).cuda()
+    press = get_press("adakv_snapkv", compression_ratio=0.5, window_size=16)
+
+    def stores():
+        pre = prefill_to_stores(model, ids, reserve=4, n_queries=16)
+        return pre, (compressed_stores(pre, press, model, reserve=4) if mode == "compressed" else pre.stores)
+
+    attention = "sdpa" if mode == "static_sdpa" else "triton"
+    pre, ref_stores = stores()
+    first = pre.logits.argmax(-1)
+    toks, ref = model_decode(model, ref_stores, 300, first, 10)
+    w = StepWeights(model)
+    graph = StaticDecoder(w, stores()[1], 300, first, attention=attention)
+    eager = StaticDecoder(w, stores()[1], 300, first, attention=attention, graph=False)
+    assert graph.use_graph and graph.ops == "triton"
+    for t in range(10):
+        for dec in (graph, eager):
+            dec.set_ids(first if t == 0 else toks[t - 1])
+        lg, le = graph.step().float(), eager.step().float()
+        assert torch.equal(lg.argmax(-1), le.argmax(-1)) and (lg - le).abs().max() <= 1e-2, f"step {t}: graph vs eager"
+        assert rel_err(lg, ref[t]) < 3e-2, f"step {t}: rel err vs the model {rel_err(lg, ref[t]):.2e}"
+        margin = ref[t].max(-1).values - ref[t].gather(-1, lg.argmax(-1, keepdim=True))[:, 0]
+        spread = ref[t].max(-1).values - ref[t].min(-1).values
+        assert bool((margin <= 0.02 * spread).all()), f"step {t}: a greedy token differs from the model's (not a near-tie)"
+    assert graph.captures >= 2, "a reserve of 4 over 10 steps must have re-laid out and re-captured"
+    assert torch.equal(graph.stores[0].lengths, eager.stores[0].lengths)
+
+
+@cuda
+def test_step_kernels_match_pytorch_on_gpu():
+    pytest.importorskip("triton")
+    from minikv.gpu import decoder as dm
+    from minikv.gpu import triton_step as ts
+
+    gen = torch.Generator().manual_seed(4)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, r = torch.randn(64, 576, generator=gen).to(**bf), torch.randn(64, 576, generator=gen).to(**bf)
+    w = torch.rand(576, generator=gen).to(**bf)
+    (y1, s1), (y2, s2) = ts.add_rmsnorm(x, r, w, 1e-5), dm.torch_add_rmsnorm(x, r, w, 1e-5)
+    assert torch.equal(s1, s2) and ((y1.float() - y2.float()).abs() <= 2 ** -7 * y2.float().abs() + 1e-6).all()
+    gu = torch.randn(64, 2 * 1536, generator=gen).to(**bf)
+    a1, a2 = ts.silu_mul(gu).float(), dm.torch_silu_mul(gu).float()
+    assert ((a1 - a2).abs() <= 2 ** -7 * a2.abs() + 1e-6).all()
+    H, n_kv, d, b = 32, 8, 128, 4
+    qkv = torch.randn(b, (H + 2 * n_kv) * d, generator=gen).to(**bf)
+    pos = torch.tensor([3, 100, 7, 50], device="cuda")
+    cos, sin = torch.randn(128, d, generator=gen).to(**bf), torch.randn(128, d, generator=gen).to(**bf)
+    keys = torch.randn(b, n_kv, 50, d, generator=gen).to(**bf)
+    keep = ragged_keep(b, n_kv, 50, gen, "cuda")
+    sa, sb = (FlatStore.from_selection(keys, keys, keep, reserve=2) for _ in range(2))
+    q1 = ts.rope_append(qkv, pos, cos, sin, sa.k_flat, sa.v_flat, sa.starts, sa._lengths, H, n_kv, d)
+    q2 = dm.torch_rope_append(qkv, pos, cos, sin, sb.k_flat, sb.v_flat, sb.starts, sb._lengths, H, n_kv, d)
+    assert torch.equal(sa._lengths, sb._lengths) and torch.equal(sa.v_flat, sb.v_flat)
+    for u, v in ((q1, q2), (sa.k_flat, sb.k_flat)):
+        assert ((u.float() - v.float()).abs() <= 2 ** -7 * v.float().abs() + 1e-6).all()
+
+
+# -- the kernels under Triton's interpreter (CPU) ------------------------------------------------
+INTERPRETER_CHECK = r'''
+import numpy as np
+try:  # Triton 3.6's interpreter turns scalars into 1-element arrays; numpy >= 2.4 no longer int()s those
+    int(np.zeros(1))
+except TypeError:
+    import triton.runtime.interpreter as ti
+    _orig = ti._patch_lang_tensor
+    def _patched(tensor, scope):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    ti._patch_lang_tensor = _patched
+import torch
+from minikv.gpu import FlatStore, triton_step as ts
+from minikv.gpu import decoder as dm
+from minikv.gpu.reference import ragged_attention, segments_from_selection
+from minikv.gpu.triton_decode import flat_decode_attention, merge_counters
+g = torch.Generator().manual_seed(0)
+worst = {}
+for d, G, dt, fused, block_n in [(16, 2, torch.float32, True, None), (80, 4, torch.float32, True, None),
+                                 (96, 1, torch.float32, False, None), (256, 2, torch.float32, True, None),
+                                 (64, 3, torch.float16, True, None), (24, 2, torch.float32, True, 16),
+                                 (24, 2, torch.float32, False, 16)]:
+    b, n_kv, L = 2, 3, 400
+    k, v = torch.randn(b, n_kv, L, d, generator=g).to(dt), torch.randn(b, n_kv, L, d, generator=g).to(dt)
+    keep = torch.rand(b, n_kv, L, generator=g) < 0.6
+    keep[0, 0] = False
+    keep[0, 0, 5] = True
+    keep[1, 2] = True
+    st = FlatStore.from_selection(k, v, keep, reserve=5)
+    q = torch.randn(b, n_kv * G, 1, d, generator=g).to(dt)
+    n_cap, max_cap = st.capacity_bounds()
+    out = flat_decode_attention(q, st.k_flat, st.v_flat, st.starts, st._lengths, d ** -0.5, n_cap, max_cap,
+                                programs=10_000 if block_n else 8, block_n=block_n, fused=fused)
+    ks, vs = segments_from_selection(k, v, keep)
+    ref = ragged_attention(q, ks, vs, d ** -0.5)
+    err = float((out.float() - ref).norm() / ref.norm())
+    assert err < (1e-5 if dt == torch.float32 else 3e-3), (d, G, dt, fused, err)
+    worst[(d, str(dt), fused)] = err
+assert not merge_counters(torch.device("cpu"), 6).any()
+empty = FlatStore.from_selection(k, v, torch.zeros(b, n_kv, L, dtype=torch.bool), reserve=1)
+out = flat_decode_attention(q, empty.k_flat, empty.v_flat, empty.starts, empty._lengths, 0.5, 6, 1)
+assert not out.any(), "an empty segment's output is defined as 0"
+x, r, w = torch.randn(3, 80, generator=g), torch.randn(3, 80, generator=g), torch.rand(80, generator=g)
+(y1, s1), (y2, s2) = ts.add_rmsnorm(x, r, w, 1e-5), dm.torch_add_rmsnorm(x, r, w, 1e-5)
+assert torch.allclose(y1, y2, atol=1e-6) and torch.equal(s1, s2)
+gu = torch.randn(3, 2200, generator=g)
+assert torch.allclose(ts.silu_mul(gu), dm.torch_silu_mul(gu), atol=1e-6)
+for H, nkv, d in [(4, 2, 16), (6, 2, 80), (3, 1, 96)]:
+    qkv = torch.randn(2, (H + 2 * nkv) * d, generator=g)
+    pos, cos, sin = torch.tensor([5, 9]), torch.randn(20, d, generator=g), torch.randn(20, d, generator=g)
+    keys = torch.randn(2, nkv, 7, d, generator=g)
+    keep = torch.rand(2, nkv, 7, generator=g) < 0.6
+    sa, sb = (FlatStore.from_selection(keys, keys, keep, reserve=3) for _ in range(2))
+    q1 = ts.rope_append(qkv, pos, cos, sin, sa.k_flat, sa.v_flat, sa.starts, sa._lengths, H, nkv, d)
+    q2 = dm.torch_rope_append(qkv, pos, cos, sin, sb.k_flat, sb.v_flat, sb.starts, sb._lengths, H, nkv, d)
+    assert torch.allclose(q1, q2, atol=1e-6) and torch.allclose(sa.k_flat, sb.k_flat, atol=1e-6)
+    assert torch.equal(sa.v_flat, sb.v_flat) and torch.equal(sa._lengths, sb._lengths)
+# a whole step: Triton ops + Triton attention = PyTorch ops + PyTorch attention (head dim 24, re-layouts)
+from minikv.gpu.e2e import TINY, random_llama
+from minikv.hf import attach
+from minikv.registry import get_press
+model = attach(random_llama(dict(TINY, hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=24),
+                            torch.device("cpu"), torch.float32, 0))
+weights = dm.StepWeights(model)
+pre = dm.prefill_to_stores(model, torch.randint(0, 500, (2, 50), generator=g), reserve=3, n_queries=8)
+press = get_press("adakv_snapkv", compression_ratio=0.5, window_size=8)
+usable = dm._triton_usable
+logits = {}
+for mode in ("torch", "triton"):
+    dm._triton_usable = (lambda t: True) if mode == "triton" else usable  # CPU tensors, interpreted kernels
+    dec = dm.StaticDecoder(weights, dm.compressed_stores(pre, press, model, reserve=3), 50, pre.logits.argmax(-1),
+                           attention=mode, ops=mode, graph=False)
+    logits[mode] = [dec.step().clone() for _ in range(5)]
+for a, c in zip(logits["torch"], logits["triton"]):
+    assert torch.allclose(a, c, atol=1e-5), float((a - c).abs().max())
+print("interpreter ok", worst)
+'''
+
+
+def test_kernels_in_interpreter():
+    """Without a GPU: every kernel under TRITON_INTERPRET=1 against the reference / the PyTorch ops."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the compiled kernels are tested instead")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton not installed (the interpreter check needs it)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "interpreter ok" in res.stdout

@@ -5,11 +5,14 @@ Triton and no GPU: the Triton kernel is imported only when a CUDA decode step ru
 
 * ``layout``         -- the flat layout (segments + offsets, like cu_seqlens), plain PyTorch, any device
 * ``store``          -- ``FlatStore``: build from a keep mask, append, attend, report bytes
-* ``triton_decode``  -- the decode kernel (split-K over each segment) and its merge
+* ``triton_decode``  -- the decode kernel (split-K over each segment, merge fused in), any head dim <= 256
 * ``reference``      -- the slow, obvious float32 definition the kernel is tested against
+* ``decoder``        -- ``StaticDecoder``: a Llama-style model's whole decode step on FlatStores, one CUDA graph per token
+* ``triton_step``    -- the step's small fused kernels (residual + RMSNorm, RoPE + append, SiLU * up)
 * ``bench``          -- ``python -m minikv bench``: full vs masked vs padded vs ragged attention
-* ``e2e``            -- SmolLM2 decode tokens/s on the GPU, full cache vs presses
-* ``plots``          -- the layout picture and the benchmark's figures (from its JSON)
+* ``e2e``            -- decode tokens/s end to end (SmolLM2, a Llama-3.1-8B-shaped model): full caches vs presses
+* ``plots``          -- the layout picture and the benchmarks' figures (from their JSON)
+* ``notes``          -- the tables of results/gpu/NOTES.md, from the JSON
 """
 
 from .store import FlatStore

@@ -271,6 +271,7 @@ def layer_step(device, dtype, rep_ms, log):
 # -- the main comparison ------------------------------------------------------------------------------
 def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
     from .store import FlatStore
+    from .triton_decode import flat_decode_attention
 
     m = MODELS[model]
     H, n_kv, d = m["H"], m["n_kv"], m["d"]
@@ -310,9 +311,13 @@ def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
         out = store.attend(query, d ** -0.5)
         err = rel_err(out, ref)
         f_rag = lambda: store.attend(query, d ** -0.5)
+        # the same kernel with its merge as a second launch (before issue 13): what the fused merge saves
+        f_two = lambda: flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths, d ** -0.5,
+                                              store.n_total, store.max_len, fused=False)
         add("ragged", ratio, timed(f_rag, rep_ms), 2 * store.n_total * d * elt, store.nbytes, graph_fn=f_rag,
             capacity_bytes=store.capacity_nbytes, rel_err_vs_padded=err, spread=spread, n_kept=k,
-            ms_again=timed(f_rag, rep_ms))  # the same thing timed twice: the noise floor
+            ms_again=timed(f_rag, rep_ms),  # the same thing timed twice: the noise floor
+            rel_err_two_launch=rel_err(f_two(), ref), graph_ms_two_launch=timed_graph(f_two, rep_ms))
         n_uniform = store.n_total // (b * n_kv)  # same bytes, every head the same length: SnapKV's cache
         del store
         uk, uv = keys[:, :, :n_uniform].contiguous(), values[:, :, :n_uniform].contiguous()
@@ -331,7 +336,7 @@ def table(rows):
         by.setdefault((r["model"], r["L"], r["b"]), {}).setdefault(r["ratio"], {})[r["method"]] = r
     lines = [f"{'model':8} {'L':>6} {'b':>3} {'ratio':>5} | {'full':>8} {'masked':>8} {'padded':>8} {'ragged':>8} "
              f"{'uniform':>8} | {'rag/full':>8} {'rag bw':>6} {'uni bw':>6} {'full bw':>7} {'KV/full':>7} {'GB':>6} | "
-             f"{'graph: rag':>10} {'uni':>7} {'full':>7}"]
+             f"{'graph: rag':>10} {'2-launch':>8} {'uni':>7} {'full':>7}"]
     for (model, L, b), per in by.items():
         full = per[0.0]["full"]
         for ratio, mm in per.items():
@@ -343,9 +348,16 @@ def table(rows):
                 f"{model:8} {L:6d} {b:3d} {ratio:5.3f} | {full['ms']:8.3f} {t('masked')} {t('padded')} {t('ragged')} "
                 f"{t('uniform')} | {rag['ms'] / full['ms']:8.3f} {rag['frac_copy']:6.1%} {uni['frac_copy']:6.1%} "
                 f"{full['frac_copy']:7.1%} {rag['kv_bytes'] / full['kv_bytes']:7.4f} {rag['kv_bytes'] / 1e9:6.2f} | "
-                f"{rag.get('graph_ms', float('nan')):10.3f} {uni.get('graph_ms', float('nan')):7.3f} "
+                f"{rag.get('graph_ms', float('nan')):10.3f} {rag.get('graph_ms_two_launch', float('nan')):8.3f} "
+                f"{uni.get('graph_ms', float('nan')):7.3f} "
                 f"{full.get('graph_ms', float('nan')):7.3f}")
     return "\n".join(lines)
+
+
+def td_fused_default() -> bool:
+    from .triton_decode import fused_merge_default
+
+    return fused_merge_default()
 
 
 def run(args) -> int:
@@ -370,7 +382,8 @@ def run(args) -> int:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python -m minikv bench " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                                                 if k not in ("command", "func")),
-                imbalance="per-head softmax(sigma*z), sigma ~ U(0.5, 3), then AdaKV (alpha 0.2)")
+                imbalance="per-head softmax(sigma*z), sigma ~ U(0.5, 3), then AdaKV (alpha 0.2)",
+                fused_merge=td_fused_default(), version="issue 13: fused merge, padded head dims")
     copy_bw, copy_ms = copy_bandwidth(device, args.rep_ms)
     meta.update(copy_bw=copy_bw, matmul_flops=matmul_rate(device, args.rep_ms))
     log(f"{props.name}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul {meta['matmul_flops'] / 1e12:.0f} TFLOP/s")

@@ -73,8 +73,10 @@ def build_flat(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, res
     seg = src // L  # (n_total,) segment = row * n_kv + head of each kept token
     dst = starts[seg] + pos  # (n_total,) its row in the flat buffer
     total_capacity = n_total + reserve * b * n_kv
-    k_flat = keys.new_empty(total_capacity, d)
-    v_flat = values.new_empty(total_capacity, d)
+    # zeros, not empty: paths that read whole capacities (SDPA + a length mask) multiply free slots by a
+    # softmax weight of 0, and 0 * (uninitialised NaN) would be NaN
+    k_flat = keys.new_zeros(total_capacity, d)
+    v_flat = values.new_zeros(total_capacity, d)
     k_flat[dst] = keys.reshape(-1, d)[src]
     v_flat[dst] = values.reshape(-1, d)[src]
     return k_flat, v_flat, starts, lengths, capacity, n_total, max_len
@@ -103,8 +105,8 @@ def relayout(k_flat, v_flat, starts, lengths, n_total: int, reserve: int):
     src = starts[seg] + slot
     dst = new_starts[seg] + slot
     total_capacity = n_total + reserve * lengths.numel()
-    new_k = k_flat.new_empty(total_capacity, k_flat.shape[1])
-    new_v = v_flat.new_empty(total_capacity, v_flat.shape[1])
+    new_k = k_flat.new_zeros(total_capacity, k_flat.shape[1])  # zeros: see build_flat
+    new_v = v_flat.new_zeros(total_capacity, v_flat.shape[1])
     new_k[dst] = k_flat[src]
     new_v[dst] = v_flat[src]
     return new_k, new_v, new_starts, capacity
@@ -120,6 +122,20 @@ def to_dense(k_flat, v_flat, starts, lengths, max_len: int, b: int, n_kv: int):
     values = v_flat.new_zeros(lengths.numel(), max_len, d)
     keys[valid], values[valid] = k_flat[rows], v_flat[rows]
     return keys.reshape(b, n_kv, max_len, d), values.reshape(b, n_kv, max_len, d), valid.reshape(b, n_kv, max_len)
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_supports(d: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton decode kernel handles head dim d in this dtype (else: the PyTorch path).
+
+    Head dims 1..256 (tiles are padded to a power of two and masked), float16/bfloat16/float32.
+
+    >>> kernel_supports(96, torch.bfloat16), kernel_supports(512, torch.bfloat16), kernel_supports(64, torch.float64)
+    (True, False, False)
+    """
+    return 1 <= d <= 256 and dtype in KERNEL_DTYPES
 
 
 def plan_splits(n_total: int, max_len: int, block_n: int, programs: int) -> tuple[int, int]:

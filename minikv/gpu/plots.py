@@ -1,6 +1,7 @@
 """Figures for the GPU path: the flat layout, and the benchmark's numbers (from its JSON).
 
 ``python -m minikv.gpu.plots results/gpu/bench_h200.json results/gpu/bench_h200.png``
+``python -m minikv.gpu.plots e2e results/gpu/e2e_smollm2.json results/gpu/e2e_llama8b.json results/gpu/e2e_h200.png``
 """
 
 from __future__ import annotations
@@ -126,13 +127,63 @@ def figure(data):
     return fig
 
 
+E2E_COLOURS = {"dynamic_eager": "tab:red", "static_sdpa": "tab:gray", "static_triton": "tab:blue",
+               "compressed": "tab:green", "compressed_eager": "tab:olive"}
+
+
+def plot_e2e(data, ax=None):
+    """One bar per row of an e2e run: ms per decode step (log scale), the step's floor as a black tick."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["rows"] if "ms_per_step" in r]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [r["ms_per_step"] for r in rows], color=[E2E_COLOURS.get(r["method"], "black") for r in rows], alpha=0.85)
+    ax.scatter([r["floor_ms"] for r in rows], y, marker="|", s=180, color="black", zorder=3, label="floor: bytes / copy bandwidth")
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{r['method']}" + ("" if r["method"].startswith(("dynamic", "static")) else f" {r['press']} {r['ratio']}")
+                        for r in rows], fontsize=7)
+    for yi, r in zip(y, rows):
+        ax.text(r["ms_per_step"] * 1.05, yi, f"{r['ms_per_step']:.2f} ms, {r['tokens_per_s']:.0f} tok/s", va="center", fontsize=6)
+    ax.set_xscale("log")
+    m = data["meta"]
+    ax.set_xlabel("ms per decode step (median of repeats)")
+    ax.set_title(f"{m['model_kind']}: batch {m['batch']} x {m['context']} tokens", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    return ax
+
+
+def e2e_figure(datas):
+    import matplotlib.pyplot as plt
+
+    n = max(len([r for r in d["rows"] if "ms_per_step" in r]) for d in datas)
+    fig, axes = plt.subplots(1, len(datas), figsize=(7.5 * len(datas), 0.32 * n + 2), squeeze=False)
+    for d, ax in zip(datas, axes[0]):
+        plot_e2e(d, ax)
+    fig.suptitle(f"minikv end-to-end decode, every step one CUDA graph (graph rows), {datas[0]['meta'].get('device', '')}")
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None) -> int:
+    """``plots BENCH.json OUT.png`` or ``plots e2e E2E.json [E2E.json ...] OUT.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
-    src, dst = (argv or sys.argv[1:])[:2]
-    with open(src) as f:
-        figure(json.load(f)).savefig(dst, dpi=110)
+    args = list(argv or sys.argv[1:])
+    if args and args[0] == "e2e":
+        *srcs, dst = args[1:]
+        datas = []
+        for src in srcs:
+            with open(src) as f:
+                datas.append(json.load(f))
+        e2e_figure(datas).savefig(dst, dpi=110)
+    else:
+        src, dst = args[:2]
+        with open(src) as f:
+            figure(json.load(f)).savefig(dst, dpi=110)
     print(f"wrote {dst}")
     return 0
 

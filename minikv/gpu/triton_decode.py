@@ -1,4 +1,4 @@
-"""Decode attention over the flat ragged cache, in Triton: one kernel, plus a tiny merge.
+"""Decode attention over the flat ragged cache, in Triton: one kernel launch per layer and step.
 
 The idea in plain words
 -----------------------
@@ -14,13 +14,24 @@ kept key and value exactly once, as fast as memory allows:
   would leave most of the GPU idle behind the longest head. So each segment is cut into
   chunks of ``chunk`` tokens (split-K, a.k.a. flash-decoding), one program per chunk: a
   long head gets many programs, a short head one. Programs whose chunk starts past the end
-  of their segment stop at once.
+  of their segment stop at once -- so the grid may be sized by the cache's *capacity*
+  (what a CUDA graph needs: the same launch at every step) and still do only the work the
+  current lengths ask for.
 * Inside a chunk the program keeps a running softmax (the "online softmax"): the largest
   logit seen so far ``m``, the sum of exp(logit - m) ``l``, and the weighted sum of values
   ``acc``; when a larger logit arrives, the old sums are scaled down by exp(m_old - m_new).
-  It writes its partial output acc / l and its log-sum-exp m + log(l).
-* The merge combines a segment's chunks: out = sum_j exp(lse_j - lse) * out_j with
-  lse = log sum_j exp(lse_j) -- the same rescaling, once more, across chunks.
+* A segment that fits in one chunk writes its output directly. Otherwise each chunk writes
+  its partial output acc / l and its log-sum-exp m + log(l), and the chunks are merged:
+  out = sum_j exp(lse_j - lse) * out_j with lse = log sum_j exp(lse_j) -- the same rescaling,
+  once more, across chunks. The merge is *fused*: every chunk program bumps a per-segment
+  counter after writing its partial, and the program that arrives last merges them all
+  (``FUSED_MERGE``; a second small kernel does it with ``fused=False``). One launch, not two:
+  at small caches (4k tokens) the second launch was a third of the time.
+
+Any head dim up to 256: tiles are padded to the next power of two (at least 16, what
+``tl.dot`` needs) and the padding is masked on every load and store, so d = 80 or 96
+(Phi-2, Phi-3) work like d = 64 or 128. Larger head dims and other dtypes take
+``FlatStore``'s PyTorch path (``kernel_supports`` says which).
 
 Inputs are bf16/fp16 (fp32 works too); logits, softmax and sums are fp32. We work in base 2
 (exp2/log2, the scale multiplied by log2(e)) because exp2 is the GPU's native instruction.
@@ -31,44 +42,82 @@ The slow, obvious version of the same function is ``minikv.gpu.reference.ragged_
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .layout import plan_splits
+from .layout import kernel_supports, plan_splits
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits,
+                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Merge the n_used partial outputs of segment ``seg`` into Out, one query head at a time."""
+    dims = tl.arange(0, D_PAD)
+    live_d = dims < D
+    js = tl.arange(0, SPLIT_BLOCK)
+    for gi in tl.static_range(G):
+        m_run = float("-inf")  # largest chunk lse seen so far (base 2)
+        l_run = 0.0  # sum of exp2(lse_j - m_run)
+        acc = tl.zeros([D_PAD], dtype=tl.float32)  # sum of exp2(lse_j - m_run) * out_j
+        for j0 in range(0, n_used, SPLIT_BLOCK):  # SPLIT_BLOCK chunks per load: one memory round trip
+            j = j0 + js
+            ok = j < n_used
+            part = (seg * num_splits + j) * G + gi  # (SPLIT_BLOCK,) index of (seg, chunk j, head gi)
+            # .cg: read from L2, never a stale L1 line (other programs wrote these)
+            lse = tl.load(LsePart + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(OutPart + part[:, None] * D + dims[None, :], mask=ok[:, None] & live_d[None, :],
+                        other=0.0, cache_modifier=".cg")  # (SPLIT_BLOCK, D_PAD)
+            m_new = tl.maximum(m_run, tl.max(lse, axis=0))
+            shrink = tl.exp2(m_run - m_new)
+            w = tl.exp2(lse - m_new)  # (SPLIT_BLOCK,) 0 for the masked entries
+            acc = acc * shrink + tl.sum(w[:, None] * o, axis=0)
+            l_run = l_run * shrink + tl.sum(w, axis=0)
+            m_run = m_new
+        tl.store(Out + (seg * G + gi) * D + dims, (acc / l_run).to(Out.dtype.element_ty), mask=live_d)
+
+
+@triton.jit(do_not_specialize=["chunk", "num_splits"])
 def _split_kernel(
-    Q, K, V, Starts, Lengths, OutPart, LsePart,
+    Q, K, V, Starts, Lengths, Out, OutPart, LsePart, Counter,
     scale_log2, chunk, num_splits,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     seg = tl.program_id(0)  # which (row, KV head) segment
     split = tl.program_id(1)  # which chunk of it
     length = tl.load(Lengths + seg)
     lo = split * chunk
+    g = tl.arange(0, G_PAD)  # query heads of this group (padded: tl.dot wants >= 16 rows)
+    dims = tl.arange(0, D_PAD)  # head dims (padded to a power of two)
+    live_g = g < G
+    live_d = dims < D
+    out_mask = live_g[:, None] & live_d[None, :]
+    out_ptrs = Out + (seg * G + g[:, None]) * D + dims[None, :]  # (G_PAD, D_PAD)
+    if length == 0:  # an empty segment (never after a decode append): define its output as 0
+        if split == 0:
+            tl.store(out_ptrs, tl.zeros([G_PAD, D_PAD], dtype=tl.float32).to(Out.dtype.element_ty), mask=out_mask)
     if lo < length:  # chunks past the end of a short segment do nothing
-        hi = tl.where(lo + chunk < length, lo + chunk, length)  # end of this chunk
+        hi = tl.minimum(lo + chunk, length)  # end of this chunk
         start = tl.load(Starts + seg)  # int64: the buffer can hold more than 2**31 elements
-        g = tl.arange(0, G_PAD)  # query heads of this group (padded: tl.dot wants >= 16 rows)
-        dims = tl.arange(0, D)
         cols = tl.arange(0, BLOCK_N)
 
-        q = tl.load(Q + (seg * G + g[:, None]) * D + dims[None, :], mask=g[:, None] < G, other=0.0)  # (G_PAD, D)
+        q = tl.load(Q + (seg * G + g[:, None]) * D + dims[None, :], mask=out_mask, other=0.0)  # (G_PAD, D_PAD)
         m = tl.full([G_PAD], float("-inf"), tl.float32)  # running max logit (base 2)
         l = tl.zeros([G_PAD], tl.float32)  # running sum of exp2(logit - m)
-        acc = tl.zeros([G_PAD, D], tl.float32)  # running sum of exp2(logit - m) * value
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)  # running sum of exp2(logit - m) * value
 
         for n0 in range(lo, hi, BLOCK_N):
             tok = n0 + cols  # (BLOCK_N,) token slots inside the segment
             ok = tok < hi
-            rows = (start + tok)[:, None] * D + dims[None, :]  # (BLOCK_N, D) element offsets, int64
-            k = tl.load(K + rows, mask=ok[:, None], other=0.0)  # (BLOCK_N, D)
-            v = tl.load(V + rows, mask=ok[:, None], other=0.0)
+            rows = (start + tok)[:, None] * D + dims[None, :]  # (BLOCK_N, D_PAD) element offsets, int64
+            kv_mask = ok[:, None] & live_d[None, :]
+            k = tl.load(K + rows, mask=kv_mask, other=0.0)  # (BLOCK_N, D_PAD)
+            v = tl.load(V + rows, mask=kv_mask, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -84,43 +133,80 @@ def _split_kernel(
                 acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
 
-        part = (seg * num_splits + split) * G + g  # (G_PAD,) index of (seg, split, head)
-        tl.store(OutPart + part[:, None] * D + dims[None, :], acc / l[:, None], mask=g[:, None] < G)
-        tl.store(LsePart + part, m + tl.log2(l), mask=g < G)
+        n_used = (length + chunk - 1) // chunk  # chunks of this segment that hold tokens
+        if n_used == 1:  # the whole segment in one chunk: no merge needed
+            tl.store(out_ptrs, (acc / l[:, None]).to(Out.dtype.element_ty), mask=out_mask)
+        else:
+            part = (seg * num_splits + split) * G + g  # (G_PAD,) index of (seg, split, head)
+            tl.store(OutPart + part[:, None] * D + dims[None, :], acc / l[:, None], mask=out_mask)
+            tl.store(LsePart + part, m + tl.log2(l), mask=live_g)
+            if FUSED_MERGE:
+                # all threads' partial stores happen before the counter moves (release);
+                # the last chunk program to arrive sees every other partial (acquire) and merges
+                tl.debug_barrier()
+                arrived = tl.atomic_add(Counter + seg, 1, sem="acq_rel")  # chunks done before this one
+                if arrived == n_used - 1:
+                    _merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits, G, D, D_PAD, SPLIT_BLOCK)
+                    tl.atomic_xchg(Counter + seg, 0)  # ready for the next launch (and the next graph replay)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk", "num_splits"])
 def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """The unfused merge (``fused=False``): one program per segment; one-chunk segments are already done."""
     seg = tl.program_id(0)
     length = tl.load(Lengths + seg)
-    n_used = (length + chunk - 1) // chunk  # chunks that held tokens
-    g = tl.arange(0, G_PAD)
-    dims = tl.arange(0, D)
-    live = g < G
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for j in range(0, n_used):
-        part = (seg * num_splits + j) * G + g
-        lse = tl.load(LsePart + part, mask=live, other=0.0)  # (G_PAD,) log2 of chunk j's softmax mass
-        o = tl.load(OutPart + part[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
-        m_new = tl.maximum(m, lse)
-        shrink = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * shrink[:, None] + w[:, None] * o
-        l = l * shrink + w
-        m = m_new
-    out = acc / l[:, None]
-    tl.store(Out + (seg * G + g[:, None]) * D + dims[None, :], out.to(Out.dtype.element_ty), mask=live[:, None])
+    n_used = (length + chunk - 1) // chunk
+    if n_used > 1:
+        _merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits, G, D, D_PAD, SPLIT_BLOCK)
 
 
-# Tile and launch settings per head dim, chosen by the benchmark's sweep on an H200 (results/gpu/NOTES.md):
-# 128-token tiles, 4 warps; per_sm = how many non-empty programs to aim for per multiprocessor.
+# Tile and launch settings per padded head dim, chosen by the benchmark's sweep on an H200 (results/gpu/NOTES.md)
+# for 64 and 128; 256 halves the tile so that two stages of K and V tiles fit in shared memory.
+# per_sm = how many non-empty programs to aim for per multiprocessor.
 CONFIG = {
     64: dict(block_n=128, num_warps=4, num_stages=3, per_sm=4),
     128: dict(block_n=128, num_warps=4, num_stages=2, per_sm=8),
+    256: dict(block_n=64, num_warps=4, num_stages=2, per_sm=8),
 }
+SPLIT_BLOCK = 16  # chunks the merge reads per round trip
+
+
+def padded_head_dim(d: int) -> int:
+    """The tile width for head dim d: the next power of two, at least 16 (``tl.dot`` needs 16)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def config_for(d: int, dtype: torch.dtype) -> dict:
+    """Tiling for head dim d: the swept settings of the nearest padded dim; fp32 tiles halved above 128."""
+    d_pad = padded_head_dim(d)
+    cfg = dict(CONFIG.get(d_pad, CONFIG[64] if d_pad < 64 else CONFIG[256]))
+    if dtype == torch.float32 and d_pad >= 256:
+        cfg["block_n"] = 32  # 4-byte elements: keep two stages of K and V tiles within shared memory
+    return cfg
+
+
+def fused_merge_default() -> bool:
+    """Fused merge unless MINIKV_FUSED_MERGE=0 (the two-launch version, kept as a fallback and for comparison)."""
+    return os.environ.get("MINIKV_FUSED_MERGE", "1") != "0"
+
+
+_COUNTERS: dict = {}
+
+
+def merge_counters(device: torch.device, n_segments: int) -> torch.Tensor:
+    """The fused merge's per-segment arrival counters: zeros, reset by the kernel itself after every merge.
+
+    One buffer per (device, number of segments), kept for the life of the process: a CUDA graph
+    captured with it keeps pointing at it. It must first be made outside a graph capture.
+    """
+    key = (str(device), n_segments)
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("flat_decode_attention: run it once eagerly (warm-up) before capturing it in a CUDA graph")
+        buf = _COUNTERS[key] = torch.zeros(n_segments, dtype=torch.int32, device=device)
+    return buf
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,36 +216,48 @@ def _sm_count(device_index: int) -> int:
 
 def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float, n_total: int, max_len: int,
                           block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                          programs: int | None = None) -> torch.Tensor:
+                          programs: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """One decode step: query (b, H, 1, d) over the segments -> (b, H, 1, d).
 
-    starts, lengths (S,) long with S = b * n_kv; n_total = lengths.sum(), max_len = lengths.max()
-    are passed from the host so that launching needs no device -> host sync.
+    starts, lengths (S,) long with S = b * n_kv. ``n_total`` and ``max_len`` are host ints that size
+    the grid: the tokens held and the longest segment -- or any upper bounds (a CUDA graph passes the
+    capacity, so that the launch stays the same while the lengths grow on the device).
     """
     b, H, q_len, d = query.shape
-    assert q_len == 1, "the Triton kernel is for one new token; use the PyTorch path for q > 1"
+    if q_len != 1:
+        raise ValueError(f"flat_decode_attention is for one new token per row (query (b, H, 1, d)), got q = {q_len}; "
+                         "FlatStore.attend uses its PyTorch path for q > 1")
+    if not kernel_supports(d, k_flat.dtype):
+        raise ValueError(f"flat_decode_attention supports head dims 1..256 in float16/bfloat16/float32, got head dim "
+                         f"{d} in {k_flat.dtype}; FlatStore.attend uses its PyTorch path for these")
     S = starts.numel()
     n_kv = S // b
     G = H // n_kv
-    assert d == triton.next_power_of_2(d) and d >= 16, f"head dim must be a power of two >= 16, got {d}"
-    cfg = CONFIG.get(d, CONFIG[128])
+    cfg = config_for(d, k_flat.dtype)
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     if programs is None:
         programs = cfg["per_sm"] * _sm_count(query.device.index or 0) if query.is_cuda else 64
+    fused = fused_merge_default() if fused is None else fused
     chunk, num_splits = plan_splits(n_total, max_len, block_n, programs)
     G_PAD = max(16, triton.next_power_of_2(G))
+    D_PAD = padded_head_dim(d)
 
     q = query.reshape(S, G, d).contiguous()  # (S, G, d): query head h of row r -> segment r * n_kv + h // G
-    out_part = torch.empty(S, num_splits, G, d, device=query.device, dtype=torch.float32)
-    lse_part = torch.empty(S, num_splits, G, device=query.device, dtype=torch.float32)
     out = torch.empty(b, H, 1, d, device=query.device, dtype=query.dtype)
+    parts = max(num_splits, 2)  # (a one-chunk plan writes no partials; keep the buffers non-empty)
+    out_part = torch.empty(S, parts, G, d, device=query.device, dtype=torch.float32)
+    lse_part = torch.empty(S, parts, G, device=query.device, dtype=torch.float32)
+    counter = merge_counters(query.device, S) if fused else lse_part  # (unused when not fused)
     ieee = k_flat.dtype == torch.float32
     _split_kernel[(S, num_splits)](
-        q, k_flat, v_flat, starts, lengths, out_part, lse_part,
+        q, k_flat, v_flat, starts, lengths, out, out_part, lse_part, counter,
         scaling * LOG2E, chunk, num_splits,
-        G=G, G_PAD=G_PAD, D=d, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        G=G, G_PAD=G_PAD, D=d, D_PAD=D_PAD, BLOCK_N=block_n, SPLIT_BLOCK=SPLIT_BLOCK, IEEE=ieee,
+        FUSED_MERGE=fused, num_warps=num_warps, num_stages=num_stages,
     )
-    _merge_kernel[(S,)](out_part, lse_part, lengths, out, chunk, num_splits, G=G, G_PAD=G_PAD, D=d, num_warps=4)
+    if not fused and num_splits > 1:
+        _merge_kernel[(S,)](out_part, lse_part, lengths, out, chunk, num_splits,
+                            G=G, D=d, D_PAD=D_PAD, SPLIT_BLOCK=SPLIT_BLOCK, num_warps=4)
     return out

@@ -1,0 +1,494 @@
+"""A whole decode step of a Llama-style model on FlatStore caches, replayed as one CUDA graph.
+
+Why not ``model(input_ids, cache=...)``: transformers' forward keeps Python-side state at every
+step (cache positions, the mask, the cache's lengths on the host), and a CUDA graph replays only
+device work. So ``StaticDecoder`` runs the same arithmetic from the model's own weights, with every
+changing number on the device:
+
+    x = embed[ids]                                   # (b, hidden)   ids: (b,) static buffer
+    for each layer:
+        h, x = add_rmsnorm(x, mlp_prev)              # input_layernorm (x += previous MLP output)
+        qkv  = h @ W_qkv^T                           # (b, (H + 2 n_kv) d): q, k, v as one matmul
+        q    = rope_append(qkv, pos, store)          # RoPE; k, v written at each segment's end; lengths += 1
+        a    = attention(q, store)                   # (b, H d): Triton kernel, grid sized by capacity
+        h, x = add_rmsnorm(x, a @ W_o^T)             # post_attention_layernorm
+        mlp_prev = silu_mul(h @ W_gu^T) @ W_down^T   # (b, hidden)
+    h, _   = add_rmsnorm(x, mlp_prev)                # final norm
+    logits = h @ W_lm^T ; ids = argmax(logits) ; pos += 1
+
+Static means: the buffers (ids, pos, each store's keys/values/starts/lengths) keep their
+addresses from step to step; appends write at ``starts + lengths`` read on the device; the
+attention kernel's grid is planned from each store's *capacity*, not its current length. Hence
+one capture serves every step until a store's reserve runs out; then the stores are re-laid out
+(new addresses) and the step is captured again. The host only counts steps.
+
+Supported: Llama-style decoder layers (llama, mistral without sliding window, qwen2) -- RMSNorm,
+rotate-half RoPE with a static frequency table, SiLU-gated MLP. Anything else is refused with an error.
+
+Three attention back ends (``attention=``): ``"triton"`` (the ragged kernel), ``"sdpa"`` (PyTorch
+SDPA over a *uniform* store seen as a dense (b, n_kv, capacity, d) tensor with a length mask: the
+preallocated full-cache baseline), ``"torch"`` (the same for any store, gathering each segment's
+capacity: slow, for CPUs and head dims the kernel does not take). ``"auto"``: triton where it runs.
+The small ops (norm, RoPE + append, SiLU * up) are fused Triton kernels on CUDA (``ops="triton"``),
+plain PyTorch elsewhere (``ops="torch"``; defined below, the tests compare the two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .store import FlatStore, _triton_usable
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+# --------------------------------------------------------------------------------------------
+# the small ops, in plain PyTorch (the definitions the fused Triton kernels follow)
+# --------------------------------------------------------------------------------------------
+def torch_add_rmsnorm(x, res, weight, eps):
+    """(rmsnorm(x + res) * weight, x + res), rounded as transformers' LlamaRMSNorm rounds."""
+    s = x if res is None else x + res
+    xf = s.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    return weight * y, s
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def torch_rope_append(qkv, pos, cos_table, sin_table, k_flat, v_flat, starts, lengths, H, n_kv, d):
+    """qkv (b, (H + 2 n_kv) d) -> rotated queries (b, H, d); rotated keys and values appended in place."""
+    b = qkv.shape[0]
+    q = qkv[:, :H * d].reshape(b, H, d)
+    k = qkv[:, H * d:(H + n_kv) * d].reshape(b, n_kv, d)
+    v = qkv[:, (H + n_kv) * d:].reshape(b, n_kv, d)
+    cos = cos_table.index_select(0, pos)[:, None]  # (b, 1, d)
+    sin = sin_table.index_select(0, pos)[:, None]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    slots = starts + lengths  # (S,) first free row of each segment, on the device
+    k_flat.index_copy_(0, slots, k.reshape(-1, d).to(k_flat.dtype))
+    v_flat.index_copy_(0, slots, v.reshape(-1, d).to(v_flat.dtype))
+    lengths += 1
+    return q
+
+
+def torch_silu_mul(gu):
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+# --------------------------------------------------------------------------------------------
+# the model's weights, arranged for the step
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    eps1: float
+    w_qkv: torch.Tensor  # (H d + 2 n_kv d, hidden): q_proj, k_proj, v_proj stacked
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    b_o: torch.Tensor | None
+    ln2: torch.Tensor
+    eps2: float
+    w_gu: torch.Tensor  # (2 I, hidden): gate_proj, up_proj stacked
+    b_gu: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+    H: int
+    n_kv: int
+    d: int
+    scaling: float
+
+
+def _cat(*ts):
+    if all(t is None for t in ts):
+        return None
+    return torch.cat([t.detach() for t in ts], dim=0)
+
+
+def check_llama_style(model) -> None:
+    """Raise a ValueError naming what is unsupported, unless the model is a Llama-style decoder."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"StaticDecoder supports model_type in {SUPPORTED_MODEL_TYPES} (Llama-style layers), "
+                         f"got {kind!r}; use the model's own forward with a RaggedCache instead")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"StaticDecoder needs hidden_act='silu' (a SiLU-gated MLP), got {cfg.hidden_act!r}")
+    sliding = getattr(cfg, "sliding_window", None)
+    if kind == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        sliding = None
+    if sliding is not None:
+        raise ValueError(f"StaticDecoder does not implement sliding-window attention (config.sliding_window={sliding})")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if "dynamic" in str(rope_type) or "longrope" in str(rope_type):
+        raise ValueError(f"StaticDecoder needs a static RoPE frequency table; rope_type {rope_type!r} changes with length")
+    attn = model.model.layers[0].self_attn
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        raise ValueError("StaticDecoder does not implement per-head q/k norms (Qwen3-style); use the model's forward")
+
+
+class StepWeights:
+    """The model's weights as the step reads them (q/k/v and gate/up stacked: one matmul each).
+
+    The stacked matrices are copies (for Llama-3.1-8B, ~9 GB more); the rest are the model's own tensors.
+    """
+
+    def __init__(self, model):
+        check_llama_style(model)
+        base = model.model
+        self.dtype = base.embed_tokens.weight.dtype
+        self.device = base.embed_tokens.weight.device
+        bad = sorted({str(p.dtype) for p in model.parameters()} - {str(self.dtype)})
+        if bad:
+            raise ValueError(f"StaticDecoder needs every weight in one dtype ({self.dtype}); also found {bad}")
+        self.embed = base.embed_tokens.weight.detach()
+        self.layers = []
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            H = a.q_proj.out_features // a.head_dim
+            n_kv = a.k_proj.out_features // a.head_dim
+            self.layers.append(LayerWeights(
+                ln1=layer.input_layernorm.weight.detach(), eps1=float(layer.input_layernorm.variance_epsilon),
+                w_qkv=_cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                b_qkv=_cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) if a.q_proj.bias is not None else None,
+                w_o=a.o_proj.weight.detach(), b_o=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
+                ln2=layer.post_attention_layernorm.weight.detach(),
+                eps2=float(layer.post_attention_layernorm.variance_epsilon),
+                w_gu=_cat(m.gate_proj.weight, m.up_proj.weight),
+                b_gu=_cat(m.gate_proj.bias, m.up_proj.bias) if m.gate_proj.bias is not None else None,
+                w_down=m.down_proj.weight.detach(), b_down=None if m.down_proj.bias is None else m.down_proj.bias.detach(),
+                H=H, n_kv=n_kv, d=a.head_dim, scaling=float(a.scaling)))
+        self.norm_w, self.norm_eps = base.norm.weight.detach(), float(base.norm.variance_epsilon)
+        self.lm_head = model.lm_head.weight.detach()
+        self.tied = self.lm_head.data_ptr() == self.embed.data_ptr()
+        self.rotary = base.rotary_emb
+        self.vocab = self.lm_head.shape[0]
+
+    def bytes_read(self, b: int) -> int:
+        """Bytes of weights one step reads: every matrix and norm once, and b rows of the embedding."""
+        total = sum(t.numel() * t.element_size() for lw in self.layers
+                    for t in (lw.ln1, lw.w_qkv, lw.b_qkv, lw.w_o, lw.b_o, lw.ln2, lw.w_gu, lw.b_gu, lw.w_down, lw.b_down)
+                    if t is not None)
+        total += self.norm_w.numel() * self.norm_w.element_size() + self.lm_head.numel() * self.lm_head.element_size()
+        return total + b * self.embed.shape[1] * self.embed.element_size()
+
+    @torch.no_grad()
+    def rope_tables(self, n_positions: int):
+        """cos, sin (n_positions, d) in the model's dtype: the model's own rotary embedding at positions 0..n-1."""
+        x = torch.empty(1, dtype=self.dtype, device=self.device)
+        pos = torch.arange(n_positions, device=self.device)[None]  # (1, P)
+        cos, sin = self.rotary(x, pos)  # (1, P, d)
+        return cos[0].contiguous(), sin[0].contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# the decoder
+# --------------------------------------------------------------------------------------------
+class StaticDecoder:
+    """Greedy decoding of a Llama-style model over one FlatStore per layer; one CUDA graph replay per token.
+
+    weights: ``StepWeights(model)``; stores: one FlatStore per layer (the decoder appends to them in
+    place and keeps their host counters up to date); position: the RoPE position of the first new
+    token (the original context length); first_ids (b,): the first new token of each row.
+    ``step()`` -> logits (b, vocab) of that token, and ``ids`` holds the greedy next token.
+    """
+
+    def __init__(self, weights: StepWeights, stores: list, position: int, first_ids: torch.Tensor,
+                 attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024):
+        if attention not in ("auto", "triton", "sdpa", "torch"):
+            raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'torch', got {attention!r}")
+        if ops not in ("auto", "triton", "torch"):
+            raise ValueError(f"ops must be 'auto', 'triton' or 'torch', got {ops!r}")
+        if len(stores) != len(weights.layers):
+            raise ValueError(f"need one store per layer: {len(weights.layers)} layers, got {len(stores)} stores")
+        for i, (s, lw) in enumerate(zip(stores, weights.layers)):
+            if not isinstance(s, FlatStore):
+                raise TypeError(f"stores[{i}] must be a minikv.gpu.FlatStore, got {type(s).__name__}")
+            if (s.n_kv, s.k_flat.shape[1]) != (lw.n_kv, lw.d) or s.k_flat.device != weights.device:
+                raise ValueError(f"stores[{i}] holds {s.n_kv} KV heads of dim {s.k_flat.shape[1]} on {s.k_flat.device}; "
+                                 f"layer {i} has {lw.n_kv} of dim {lw.d} on {weights.device}")
+            if lw.d % 2:
+                raise ValueError(f"rotate-half RoPE needs an even head dim, got {lw.d}")
+        self.w, self.stores = weights, list(stores)
+        self.b = stores[0].b
+        if first_ids.shape != (self.b,):
+            raise ValueError(f"first_ids must have shape (b,) = ({self.b},), got {tuple(first_ids.shape)}")
+        dev = weights.device
+        if attention == "auto":
+            attention = "triton" if all(_triton_usable(s.k_flat) for s in stores) else "torch"
+        if attention == "triton" and not all(_triton_usable(s.k_flat) for s in stores):
+            raise ValueError("attention='triton' needs CUDA stores, Triton, and a head dim/dtype the kernel takes")
+        if attention == "sdpa" and not all(s.is_uniform() for s in stores):
+            raise ValueError("attention='sdpa' reads each store as a dense tensor: every store must be uniform "
+                             "(FlatStore.uniform / empty_uniform)")
+        if ops == "auto":
+            ops = "triton" if dev.type == "cuda" and _triton_importable() else "torch"
+        self.attention, self.ops = attention, ops
+        self.use_graph = (dev.type == "cuda") if graph is None else graph
+        if self.use_graph and dev.type != "cuda":
+            raise ValueError("CUDA graphs need CUDA tensors; pass graph=False on the CPU")
+        self.ids = first_ids.to(dev, torch.long).clone()  # (b,) static input: the token each row feeds next
+        self.position0 = position
+        self.pos = torch.full((self.b,), position, dtype=torch.long, device=dev)  # (b,) RoPE position, static
+        self.steps = 0  # tokens decoded (host count)
+        self.captures = 0  # how many times the step was captured (1 + one per re-layout)
+        self.graph, self.logits = None, None
+        self._tables(max_new_tokens)
+        self._prepare()
+
+    # -- state --------------------------------------------------------------------------------------
+    def _tables(self, n_new: int):
+        self.table_len = self.position0 + max(n_new, 1)
+        self.cos, self.sin = self.w.rope_tables(self.table_len)
+        self.graph = None
+
+    def _prepare(self):
+        """Plans that depend on the stores' buffers: redone after every re-layout (and the graph with them)."""
+        self.plans = [s.capacity_bounds() for s in self.stores]  # grid sizes: fixed until the room runs out
+        self.extra = []
+        for s in self.stores:
+            cap = s.capacity_bounds()[1]
+            slots = torch.arange(cap, device=s.k_flat.device)  # (C,)
+            if self.attention == "torch":  # buffer rows of each segment's capacity, clamped inside the buffer
+                rows = (s.starts[:, None] + slots).clamp_(max=s.k_flat.shape[0] - 1)  # (S, C)
+                self.extra.append((slots, rows))
+            else:
+                self.extra.append((slots, None))
+        self.graph = None
+
+    def snapshot(self):
+        """Everything a step changes (lengths, positions, next ids, host counters); see ``restore``."""
+        return [s.snapshot() for s in self.stores], self.pos.clone(), self.ids.clone(), self.steps
+
+    def restore(self, snap) -> None:
+        stores, pos, ids, steps = snap
+        for s, st in zip(self.stores, stores):
+            s.restore(st)
+        self.pos.copy_(pos)
+        self.ids.copy_(ids)
+        self.steps = steps
+
+    def set_ids(self, ids: torch.Tensor) -> None:
+        """Feed these tokens (b,) at the next step instead of the greedy ones (teacher forcing)."""
+        self.ids.copy_(ids)
+
+    # -- one step -------------------------------------------------------------------------------------
+    def _norm(self, x, res, weight, eps):
+        if self.ops == "triton":
+            from .triton_step import add_rmsnorm
+
+            return add_rmsnorm(x, res, weight, eps)
+        return torch_add_rmsnorm(x, res, weight, eps)
+
+    def _rope_append(self, qkv, store, lw):
+        args = (qkv, self.pos, self.cos, self.sin, store.k_flat, store.v_flat, store.starts, store._lengths,
+                lw.H, lw.n_kv, lw.d)
+        if self.ops == "triton":
+            from .triton_step import rope_append
+
+            return rope_append(*args)
+        return torch_rope_append(*args)
+
+    def _silu_mul(self, gu):
+        if self.ops == "triton":
+            from .triton_step import silu_mul
+
+            return silu_mul(gu)
+        return torch_silu_mul(gu)
+
+    def _attend(self, q, store, lw, i):
+        """q (b, H, d) over the store (the new token already appended) -> (b, H d)."""
+        b, H, d = q.shape
+        if self.attention == "triton":
+            from .triton_decode import flat_decode_attention
+
+            n_cap, max_cap = self.plans[i]
+            out = flat_decode_attention(q.view(b, H, 1, d), store.k_flat, store.v_flat, store.starts, store._lengths,
+                                        lw.scaling, n_cap, max_cap)
+            return out.view(b, H * d)
+        slots, rows = self.extra[i]
+        if self.attention == "sdpa":
+            keys, values = store.dense_view()  # (b, n_kv, C, d)
+        else:
+            keys = store.k_flat[rows].view(b, lw.n_kv, -1, d)  # (b, n_kv, C, d), C = longest capacity
+            values = store.v_flat[rows].view(b, lw.n_kv, -1, d)
+        valid = (slots[None, :] < store._lengths[:, None]).view(b, lw.n_kv, 1, -1)  # (b, n_kv, 1, C)
+        qg = q.view(b, lw.n_kv, H // lw.n_kv, d)  # a group's g heads as g query rows of one KV head
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=lw.scaling)
+        return out.reshape(b, H * d)
+
+    def _step(self):
+        """One token for every row, device work only (this is what the graph captures)."""
+        w = self.w
+        x = F.embedding(self.ids, w.embed)  # (b, hidden)
+        mlp_prev = None
+        for i, (lw, store) in enumerate(zip(w.layers, self.stores)):
+            h, x = self._norm(x, mlp_prev, lw.ln1, lw.eps1)  # x: the residual stream
+            qkv = F.linear(h, lw.w_qkv, lw.b_qkv)  # (b, (H + 2 n_kv) d)
+            q = self._rope_append(qkv, store, lw)  # (b, H, d)
+            a = self._attend(q, store, lw, i)  # (b, H d)
+            h, x = self._norm(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
+            mlp_prev = F.linear(self._silu_mul(F.linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
+        h, _ = self._norm(x, mlp_prev, w.norm_w, w.norm_eps)
+        logits = F.linear(h, w.lm_head)  # (b, vocab)
+        self.ids.copy_(logits.argmax(dim=-1))
+        self.pos.add_(1)
+        return logits
+
+    def _make_room(self):
+        """Before a step: grow the stores if a reserve is used up, the RoPE table if it is too short."""
+        if self.position0 + self.steps + 1 > self.table_len:
+            self._tables(2 * (self.table_len - self.position0))
+        if min(s.room for s in self.stores) < 1:
+            for s in self.stores:
+                s.grow()  # new buffers: the captured graph would write into the old ones
+            self._prepare()
+
+    def _advance(self):
+        self.steps += 1
+        for s in self.stores:
+            s.advance(1)
+
+    def step_eager(self) -> torch.Tensor:
+        """One step without the graph (same ops): logits (b, vocab)."""
+        self._make_room()
+        with torch.no_grad():
+            logits = self._step()
+        self._advance()
+        return logits
+
+    def capture(self) -> None:
+        """Warm up once on a side stream (compiles kernels, sets up cuBLAS), undo it, capture one step."""
+        self._make_room()
+        snap = self.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.restore(snap)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            self.logits = self._step()  # recorded, not run: no state changes here
+        self.graph = graph
+        self.captures += 1
+
+    def step(self) -> torch.Tensor:
+        """One token: a graph replay on CUDA (captured on first use and after a re-layout), else eager."""
+        if not self.use_graph:
+            return self.step_eager()
+        self._make_room()
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+        self._advance()
+        return self.logits
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held now (all layers)."""
+        return sum(s.nbytes for s in self.stores)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# prefill into uniform stores (and the queries a press needs)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Prefilled:
+    stores: list  # one uniform FlatStore per layer: every context token, room for `reserve` more
+    queries: list | None  # per layer (b, H, n_queries, d) post-RoPE queries of the last tokens, or None
+    logits: torch.Tensor  # (b, vocab) at the last context position
+    context_length: int
+
+    def layer_inputs(self, i: int, o_proj: torch.Tensor | None = None, n_queries: int | None = None):
+        """What a press sees for layer i (as minikv.hf's compression hook builds it)."""
+        from ..scorers.base import LayerInputs
+
+        keys, values = self.stores[i].dense_view()
+        L = self.context_length
+        q = None
+        if self.queries is not None and n_queries:
+            q = self.queries[i][:, :, -n_queries:]
+        return LayerInputs(keys[:, :, :L], values[:, :, :L], q, o_proj)
+
+
+@torch.no_grad()
+def prefill_to_stores(model, input_ids: torch.Tensor, reserve: int = 64, n_queries: int = 0,
+                      rows_per_chunk: int | None = None) -> Prefilled:
+    """Run the context (b, L) through the model, keeping every layer's keys and values in uniform FlatStores.
+
+    The stores are the full cache (``StaticDecoder(attention="sdpa" | "triton")`` decodes on them);
+    a press selects from them (``Prefilled.layer_inputs``), exactly what it would select during
+    ``minikv.hf.prefill``: compression there happens after each layer's attention, so it changes no
+    later layer's keys. Rows go through ``rows_per_chunk`` at a time (memory), each into a fresh
+    DynamicCache whose tensors are copied into the stores.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    from ..hf import attention_modules, cache_kwarg, window_queries
+
+    b, L = input_ids.shape
+    mods = attention_modules(model)
+    w = model.model.embed_tokens.weight
+    dtype, device = w.dtype, w.device
+    stores, queries = [], [] if n_queries else None
+    for m in mods:
+        H = m.q_proj.out_features // m.head_dim
+        n_kv = m.k_proj.out_features // m.head_dim
+        stores.append(FlatStore.empty_uniform(b, n_kv, L, m.head_dim, reserve, dtype, device))
+        if n_queries:
+            queries.append(torch.empty(b, H, n_queries, m.head_dim, dtype=dtype, device=device))
+    logits = None
+    chunk = rows_per_chunk or b
+    kw = cache_kwarg(model.model)
+    for r0 in range(0, b, chunk):
+        r1 = min(b, r0 + chunk)
+
+        def grab(module, args, kwargs, output, r0=r0, r1=r1):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            queries[mods.index(module)][r0:r1] = window_queries(module, hidden, kwargs["position_embeddings"], n_queries)
+
+        handles = [m.register_forward_hook(grab, with_kwargs=True) for m in mods] if n_queries else []
+        cache = DynamicCache()
+        try:
+            out = model.model(input_ids=input_ids[r0:r1].to(device), use_cache=True, **{kw: cache})
+        finally:
+            for h in handles:
+                h.remove()
+        for i, s in enumerate(stores):
+            kd, vd = s.dense_view()
+            kd[r0:r1, :, :L] = cache.layers[i].keys
+            vd[r0:r1, :, :L] = cache.layers[i].values
+        last = model.lm_head(out.last_hidden_state[:, -1])  # (rows, vocab)
+        if logits is None:
+            logits = last.new_empty(b, last.shape[-1])
+        logits[r0:r1] = last
+        del cache, out
+    return Prefilled(stores, queries, logits, L)
+
+
+def compressed_stores(prefilled: Prefilled, press, model, reserve: int = 64) -> list:
+    """One FlatStore per layer holding what ``press`` keeps of the prefilled context."""
+    from ..hf import attention_modules
+
+    stores = []
+    for i, m in enumerate(attention_modules(model)):
+        inputs = prefilled.layer_inputs(i, m.o_proj.weight.detach(), press.needs_queries)
+        keep = press.select(inputs).keep
+        stores.append(FlatStore.from_selection(inputs.keys, inputs.values, keep, reserve=reserve))
+    return stores

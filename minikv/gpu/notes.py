@@ -1,0 +1,156 @@
+"""The tables of results/gpu/NOTES.md, made from the runs' JSON (so no number is copied by hand).
+
+    python -m minikv.gpu.notes results/gpu            # print the tables
+    python -m minikv.gpu.notes results/gpu --write    # replace them inside results/gpu/NOTES.md
+
+NOTES.md marks each table's place with ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->``; ``--write``
+replaces what lies between (NAME: e2e_smollm2, e2e_llama8b, targets, bench_small, bench_large).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+LABELS = {
+    "dynamic_eager": "full, DynamicCache, eager",
+    "static_sdpa": "full, static + SDPA, graph",
+    "static_triton": "full, static + ragged kernel, graph",
+    "compressed": "compressed, graph",
+    "compressed_eager": "compressed, RaggedCache, eager",
+}
+
+
+def _load(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _f(x, fmt):
+    return "–" if x is None else format(x, fmt)
+
+
+def e2e_table(data) -> str:
+    """One line per row of an e2e run: time, spread, tokens/s, KV, floor, speed-ups, check."""
+    m = data["meta"]
+    head = (f"{m['model_kind']}, batch {m['batch']} × {m['context']} tokens, {m['layers']} layers; weights read per step "
+            f"{m['weight_bytes'] / 1e9:.3f} GB; copy {m['copy_bw'] / 1e12:.2f} TB/s; {m['repeats']} repeats × {m['steps']} steps "
+            f"(eager rows: fewer); {m.get('device', '')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
+            f"triton {m.get('triton')}\n\n")
+    lines = ["| method | press | ratio | ms/step (median) | spread | tokens/s | KV held GB | floor ms | × floor | "
+             "× static SDPA | × best static | × DynamicCache | check vs model |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        label = LABELS.get(r["method"], r["method"])
+        if "ms_per_step" not in r:
+            lines.append(f"| {label} | {r.get('press', '')} | {r.get('ratio', 0)} | {r.get('error') or r.get('skipped')} "
+                         "| | | | | | | | | |")
+            continue
+        x = r.get("x_vs", {})
+        chk = r.get("check")
+        chk_s = "–" if not chk else (("ok" if chk["passed"] else "**failed**") + f" (rel {chk['logits_rel_err_vs_model']:.1e}, "
+                                      f"{chk['n_mismatches']} token diffs / {chk['steps'] * chk['rows']})")
+        lines.append(f"| {label} | {r.get('press', '')} | {r.get('ratio', 0)} | {r['ms_per_step']:.3f} | "
+                     f"{100 * r['spread']:.1f}% | {r['tokens_per_s']:.0f} | {r['kv_bytes'] / 1e9:.3f} | "
+                     f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} | {_f(x.get('static_sdpa'), '.2f')} | "
+                     f"{_f(r.get('x_vs_best_static'), '.2f')} | {_f(x.get('dynamic_eager'), '.2f')} | {chk_s} |")
+    return head + "\n".join(lines)
+
+
+def targets_table(runs) -> str:
+    lines = ["| model | target | value | met? |", "|---|---|---|---|"]
+    for name, data in runs:
+        for t in data.get("targets", []):
+            lines.append(f"| {name} | {t['what']} | {t['value']:.3f} | {'**met**' if t['met'] else '**missed**'} |")
+    return "\n".join(lines)
+
+
+def _bench_pairs(data):
+    """(full row, ragged row) per (model, L, b, ratio)."""
+    full = {(r["model"], r["L"], r["b"]): r for r in data["rows"] if r["method"] == "full"}
+    for r in data["rows"]:
+        if r["method"] == "ragged":
+            yield full[(r["model"], r["L"], r["b"])], r
+
+
+def bench_small_table(data, ratio=0.75, max_len=16384) -> str:
+    """Attention at ratio 0.75 on small caches, GPU (CUDA-graph) time: ragged / full SDPA, fused vs two-launch merge."""
+    lines = ["| model | L | b | full SDPA µs | ragged µs (one launch) | ragged / full | two-launch µs | two-launch / full | ≤ 0.3? |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f, r in _bench_pairs(data):
+        if r["ratio"] != ratio or r["L"] > max_len or "graph_ms" not in r:
+            continue
+        two = r.get("graph_ms_two_launch")
+        q = r["graph_ms"] / f["graph_ms"]
+        lines.append(f"| {r['model']} | {r['L']} | {r['b']} | {1e3 * f['graph_ms']:.1f} | {1e3 * r['graph_ms']:.1f} | "
+                     f"{q:.3f} | {_f(None if two is None else 1e3 * two, '.1f')} | "
+                     f"{_f(None if two is None else two / f['graph_ms'], '.3f')} | {'yes' if q <= 0.3 else '**no**'} |")
+    return "\n".join(lines)
+
+
+def bench_large_table(data, min_bytes=1e9) -> str:
+    """Caches of at least 1 GB: the kernel's bandwidth as a fraction of the copy, eager and CUDA graph."""
+    copy_bw = data["meta"]["copy_bw"]
+    lines = ["| model | L | b | ratio | KV GB | ragged ms | % of copy | graph ms | % of copy (graph) |", "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in _bench_pairs(data):
+        if r["kv_bytes"] < min_bytes:
+            continue
+        g = r.get("graph_ms")
+        lines.append(f"| {r['model']} | {r['L']} | {r['b']} | {r['ratio']} | {r['kv_bytes'] / 1e9:.2f} | {r['ms']:.3f} | "
+                     f"{100 * r['frac_copy']:.1f}% | {_f(g, '.3f')} | "
+                     f"{_f(None if g is None else 100 * r['read_bytes'] / (g * 1e-3) / copy_bw, '.1f')}% |")
+    return "\n".join(lines)
+
+
+def tables(folder) -> dict:
+    out = {}
+    runs = []
+    for kind in ("smollm2", "llama8b"):
+        data = _load(folder, f"e2e_{kind}.json")
+        if data is not None and "meta" in data and "model_kind" in data["meta"]:
+            out[f"e2e_{kind}"] = e2e_table(data)
+            runs.append((kind, data))
+    if runs:
+        out["targets"] = targets_table(runs)
+    bench = next((_load(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("bench_") and n.endswith(".json")), None)
+    if bench is not None:
+        out["bench_small"] = bench_small_table(bench)
+        out["bench_large"] = bench_large_table(bench)
+    return out
+
+
+def fill(text: str, name: str, table: str) -> str:
+    """Replace the block between ``<!-- table:name -->`` and ``<!-- /table:name -->`` (markers kept)."""
+    pat = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
+    if not pat.search(text):
+        raise ValueError(f"NOTES.md has no <!-- table:{name} --> ... <!-- /table:{name} --> block")
+    return pat.sub(lambda m: m.group(1) + table + m.group(2), text)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    folder = next((a for a in argv if not a.startswith("--")), "results/gpu")
+    made = tables(folder)
+    if "--write" in argv:
+        path = os.path.join(folder, "NOTES.md")
+        with open(path) as f:
+            text = f.read()
+        for name, table in made.items():
+            if f"<!-- table:{name} -->" in text:
+                text = fill(text, name, table)
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {len(made)} tables into {path}")
+    else:
+        for name, table in made.items():
+            print(f"<!-- table:{name} -->\n{table}\n<!-- /table:{name} -->\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
