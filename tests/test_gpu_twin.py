@@ -291,13 +291,17 @@ def test_twin_equals_the_real_kernel_interpreted():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                     reason="needs CUDA and Triton")
-def test_twin_equals_the_real_kernel_on_cuda():
-    store, _, _, query = ragged_layer(2, 3, 3, 300, 64, seed=9)
-    args = (store.starts, store.lengths.reshape(-1), 64 ** -0.5, store.n_total, store.max_len)
-    mine = twin.flat_decode_attention(query, store.k_flat, store.v_flat, *args, block_n=32, programs=16)
+@pytest.mark.parametrize("d", [64, 80])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_twin_equals_the_real_kernel_on_cuda(d, dtype, tol, fused):
+    """Same inputs, same tiling: the GPU kernel (programs truly in parallel, atomics and all) and the twin agree."""
     from minikv.gpu.triton_decode import flat_decode_attention
 
-    cuda = lambda t: t.cuda()
-    real = flat_decode_attention(cuda(query), cuda(store.k_flat), cuda(store.v_flat), *map(cuda, args[:2]), *args[2:],
-                                 block_n=32, programs=16)
-    assert rel_err(real.cpu(), mine) < 1e-5
+    store, _, _, query = ragged_layer(2, 3, 3, 300, d, seed=9)
+    k, v, q = store.k_flat.to(dtype), store.v_flat.to(dtype), query.to(dtype)
+    host = (store.starts, store.lengths.reshape(-1))
+    sizes = dict(scaling=d ** -0.5, n_total=store.n_total, max_len=store.max_len, block_n=32, programs=16, fused=fused)
+    mine = twin.flat_decode_attention(q, k, v, *host, **sizes)
+    real = flat_decode_attention(q.cuda(), k.cuda(), v.cuda(), *(t.cuda() for t in host), **sizes)
+    assert rel_err(real.cpu(), mine) < tol
