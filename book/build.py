@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import nbformat
+
 BOOK = Path(__file__).resolve().parent
 ROOT = BOOK.parent
 LANGS = ("en", "zh")
@@ -106,6 +108,15 @@ def rewrite_links(text: str, source_dir: Path, lang: str, src: Path, doc_dir: st
     return _LINK.sub(repl, text)
 
 
+def stage_notebook(path: Path, lang: str, src: Path, doc_dir: str) -> None:
+    """Copy a notebook into the book, its markdown links pointed at the book's pages."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = rewrite_links(cell.source, path.parent, lang, src, doc_dir)
+    nbformat.write(nb, src / doc_dir / path.name)
+
+
 def toctree(caption: str, entries: list[str]) -> str:
     body = "\n".join(entries)
     return f"```{{toctree}}\n:caption: {caption}\n:hidden:\n:maxdepth: 1\n\n{body}\n```\n"
@@ -118,7 +129,7 @@ def stage(lang: str, src: Path) -> None:
                         ("solutions", ROOT / "solutions")):
         (src / sub).mkdir(parents=True, exist_ok=True)
         for nb in notebooks(folder):
-            shutil.copy2(nb, src / sub / nb.name)
+            stage_notebook(nb, lang, src, sub)
 
     lessons = [f"lessons/{p.stem}" for p in notebooks(ROOT / "notebooks" / lang)]
     exercises = [f"exercises/{p.stem}" for p in notebooks(ROOT / "exercises")]

@@ -64,7 +64,7 @@ html_theme_options = {
     "article_header_end": ["minikv-lang-switch.html", "article-header-buttons.html"],
     "navigation_with_keys": False,
 }
-html_sidebars = {"**": ["navbar-logo.html", "minikv-lang-switch.html", "search-button-field.html",
+html_sidebars = {"**": ["navbar-logo.html", "minikv-lang-switch.html",
                         "sbt-sidebar-nav.html"]}
 html_last_updated_fmt = None
 html_show_sourcelink = False

@@ -212,6 +212,11 @@ _reports: dict[tuple[str, str], dict] = {}
 _NETWORK = re.compile(r"(https?|wss?|ftp):", re.I)
 
 
+def WebDriverWait(driver, timeout):
+    from selenium.webdriver.support.ui import WebDriverWait as wait
+    return wait(driver, timeout)
+
+
 def _network_requests(driver) -> list[str]:
     urls = []
     for entry in driver.get_log("performance"):
@@ -239,7 +244,10 @@ def report(driver, site: Path, lang: str, name: str) -> dict:
         rep["prose"] = driver.execute_script(_VISIBLE_PROSE)
         rep["requests"] = _network_requests(driver)
         switch = driver.find_element("css selector", ".header-article-items__end a.minikv-lang-switch")
+        before = driver.current_url
         switch.click()
+        WebDriverWait(driver, 60).until(
+            lambda d: d.current_url != before and d.execute_script("return document.readyState") == "complete")
         rep["switched_url"] = driver.current_url
         rep["switched_h1"] = driver.execute_script(
             "const h = document.querySelector('article h1'); return h ? h.textContent : ''")

@@ -79,11 +79,16 @@ _VERBATIM = (nodes.literal_block, nodes.literal, nodes.raw, nodes.math, nodes.ma
 
 
 def join_cjk_lines(app, doctree):
+    """Drop line breaks between CJK characters (MyST gives a soft break a Text node of its own)."""
     for text in list(doctree.findall(nodes.Text)):
         parent = text.parent
         if parent is None or isinstance(parent, _VERBATIM) or "\n" not in text:
             continue
-        joined = _CJK_BREAK.sub("", str(text))
+        i = parent.index(text)
+        before = parent[i - 1].astext()[-1:] if i > 0 else ""
+        after = parent[i + 1].astext()[:1] if i + 1 < len(parent) else ""
+        joined = _CJK_BREAK.sub("", before + str(text) + after)[len(before):]
+        joined = joined[:len(joined) - len(after)]
         if joined != str(text):
             parent.replace(text, nodes.Text(joined))
 
