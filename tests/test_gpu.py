@@ -448,6 +448,7 @@ def test_graph_decoder_matches_eager_and_the_model(mode):
 
 @cuda
 def test_step_kernels_match_pytorch_on_gpu():
+    """The fused kernels round where PyTorch rounds: equal up to a bf16 rounding flip or two (fp32 sum orders)."""
     pytest.importorskip("triton")
     from minikv.gpu import decoder as dm
     from minikv.gpu import triton_step as ts
@@ -457,10 +458,10 @@ def test_step_kernels_match_pytorch_on_gpu():
     x, r = torch.randn(64, 576, generator=gen).to(**bf), torch.randn(64, 576, generator=gen).to(**bf)
     w = torch.rand(576, generator=gen).to(**bf)
     (y1, s1), (y2, s2) = ts.add_rmsnorm(x, r, w, 1e-5), dm.torch_add_rmsnorm(x, r, w, 1e-5)
-    assert torch.equal(s1, s2) and ((y1.float() - y2.float()).abs() <= 2 ** -7 * y2.float().abs() + 1e-6).all()
+    assert torch.equal(s1, s2) and ((y1.float() - y2.float()).abs() <= 2 ** -6 * y2.float().abs() + 1e-6).all()
     gu = torch.randn(64, 2 * 1536, generator=gen).to(**bf)
     a1, a2 = ts.silu_mul(gu).float(), dm.torch_silu_mul(gu).float()
-    assert ((a1 - a2).abs() <= 2 ** -7 * a2.abs() + 1e-6).all()
+    assert ((a1 - a2).abs() <= 2 ** -6 * a2.abs() + 1e-6).all()
     H, n_kv, d, b = 32, 8, 128, 4
     qkv = torch.randn(b, (H + 2 * n_kv) * d, generator=gen).to(**bf)
     pos = torch.tensor([3, 100, 7, 50], device="cuda")
@@ -472,7 +473,7 @@ def test_step_kernels_match_pytorch_on_gpu():
     q2 = dm.torch_rope_append(qkv, pos, cos, sin, sb.k_flat, sb.v_flat, sb.starts, sb._lengths, H, n_kv, d)
     assert torch.equal(sa._lengths, sb._lengths) and torch.equal(sa.v_flat, sb.v_flat)
     for u, v in ((q1, q2), (sa.k_flat, sb.k_flat)):
-        assert ((u.float() - v.float()).abs() <= 2 ** -7 * v.float().abs() + 1e-6).all()
+        assert ((u.float() - v.float()).abs() <= 2 ** -6 * v.float().abs() + 1e-6).all()
 
 
 # -- the kernels under Triton's interpreter (CPU) ------------------------------------------------

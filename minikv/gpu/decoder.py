@@ -339,7 +339,7 @@ class StaticDecoder:
             mlp_prev = F.linear(self._silu_mul(F.linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
         h, _ = self._norm(x, mlp_prev, w.norm_w, w.norm_eps)
         logits = F.linear(h, w.lm_head)  # (b, vocab)
-        self.ids.copy_(logits.argmax(dim=-1))
+        torch.argmax(logits, dim=-1, out=self.ids)  # the greedy next token, into the static input
         self.pos.add_(1)
         return logits
 
@@ -349,7 +349,7 @@ class StaticDecoder:
             self._tables(2 * (self.table_len - self.position0))
         if min(s.room for s in self.stores) < 1:
             for s in self.stores:
-                s.grow()  # new buffers: the captured graph would write into the old ones
+                s.grow(max(s.reserve, 16))  # new buffers: the captured graph would write into the old ones
             self._prepare()
 
     def _advance(self):

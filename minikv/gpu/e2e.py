@@ -82,7 +82,11 @@ def random_llama(shape: dict, device, dtype, seed: int):
                       tie_word_embeddings=False)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.clone()  # float32; .to(dtype) would round RoPE's frequencies to bf16
     model = model.to(dtype).eval()
+    rotary.inv_freq = inv_freq
+    rotary.original_inv_freq = inv_freq.clone()
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -209,7 +213,9 @@ def check_decoder(model, dec, n_steps: int) -> dict:
     rel = max(float((e - r).norm() / r.norm()) for e, r in zip(eager, ref))
     graph_vs_eager = max(float((g - e).abs().max()) for g, e in zip(graph, eager))
     graph_tokens_equal = all(bool(torch.equal(g.argmax(-1), e.argmax(-1))) for g, e in zip(graph, eager))
-    ok = graph_tokens_equal and rel < 2e-2 and all(m["model_margin"] < 0.25 for m in mismatches)
+    # bf16 end to end: two correct implementations differ by ~1e-2 (sum orders, stacked matmuls); a wrong token or
+    # head would show far more. A greedy token may differ only where the model itself nearly tied (margin < 0.25).
+    ok = graph_tokens_equal and rel < 3e-2 and all(m["model_margin"] < 0.25 for m in mismatches)
     return dict(steps=n_steps, rows=dec.b, graph_vs_eager_max_abs=graph_vs_eager, graph_tokens_equal_eager=graph_tokens_equal,
                 logits_rel_err_vs_model=rel, greedy_tokens_equal_model=not mismatches, mismatches=mismatches[:20],
                 n_mismatches=len(mismatches), passed=ok)
