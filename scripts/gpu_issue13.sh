@@ -45,8 +45,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__, '| gpu', torch.cuda.get_device_name())" >> "$SUMMARY" 2>&1 \
   || say "python environment check FAILED"
 
-# (a) tests: CPU tests + every CUDA test (Triton kernels, any head dim, fused merge, CUDA-graph decoder)
-part "tests" 150 300 "$OUT/test_gpu_h200.txt" $PY -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py
+# (a) tests: CPU tests + every CUDA test (Triton kernels, any head dim, fused merge, CUDA-graph decoder);
+#     4 processes when pytest-xdist is there (most of the time is compiling Triton kernels)
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
+part "tests" 150 300 "$OUT/test_gpu_h200.txt" $PY -m pytest -q -rA -p no:cacheprovider $XDIST tests/test_gpu.py
 grep -E "passed|failed|error" "$OUT/test_gpu_h200.txt" | tail -1 | sed 's/^/  tests: /' | tee -a "$SUMMARY"
 
 # (b) attention benchmark: the whole grid (4k..128k, batch 1/8/32, both models) + compression overhead;
