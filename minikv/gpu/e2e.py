@@ -227,12 +227,31 @@ def decoder_row(model, weights, stores, prefilled, first, attention, args, devic
 
     t0 = time.perf_counter()
     dec = StaticDecoder(weights, stores, prefilled.context_length, first, attention=attention)
-    row = dict(attention=dec.attention, ops=dec.ops, graph=dec.use_graph)
     snap = dec.snapshot()
+    graph_error = None
+    if dec.use_graph:
+        try:
+            dec.capture()
+        except Exception as e:  # keep going without the graph: the same step, eager (the row says so)
+            import traceback
+
+            traceback.print_exc()
+            dec.graph, dec.use_graph = None, False
+            dec.restore(snap)
+            graph_error = f"{type(e).__name__}: {e}"[:300]
+    row = dict(attention=dec.attention, ops=dec.ops, graph=dec.use_graph)
+    if graph_error:
+        row["graph_error"] = graph_error
     if check and args.check_steps > 0:
-        row["check"] = check_decoder(model, dec, args.check_steps)
-    elif dec.use_graph:
-        dec.capture()
+        try:
+            row["check"] = check_decoder(model, dec, args.check_steps)
+        except Exception as e:  # a failed check fails the row's check, not its timing
+            import traceback
+
+            traceback.print_exc()
+            row["check"] = dict(passed=False, error=f"{type(e).__name__}: {e}"[:300], logits_rel_err_vs_model=float("nan"),
+                                graph_vs_eager_max_abs=float("nan"), n_mismatches=-1, steps=0, rows=dec.b)
+            dec.restore(snap)
     sync(device)
     row["setup_s"] = time.perf_counter() - t0
     kv = dec.kv_bytes()
@@ -420,7 +439,7 @@ def run(args) -> int:
             chk = r.get("check")
             chk_s = "" if not chk else (f" | check {'ok' if chk['passed'] else 'FAILED'}: rel {chk['logits_rel_err_vs_model']:.1e}, "
                                         f"graph-eager {chk['graph_vs_eager_max_abs']:.1e}, token mismatches {chk['n_mismatches']}")
-            log(f"{r['method']:16} {r.get('press', '-'):22} {r.get('ratio', 0):5.3f}  {r['ms_per_step']:8.3f} ms/step "
+            log(f"{r['method']:16} {r.get('press', '-'):22} {r.get('ratio', 0):5.3f}{'' if r.get('graph', True) or r['method'].endswith('eager') else ' [NO GRAPH]'}  {r['ms_per_step']:8.3f} ms/step "
                 f"(spread {100 * r['spread']:4.1f}%)  {r['tokens_per_s']:9.0f} tok/s  KV {r['kv_bytes'] / 1e9:6.3f} GB  "
                 f"floor {r['floor_ms']:7.3f} ms  x{r['x_floor']:5.2f}{chk_s}  ({r['row_s']:.0f} s)")
         else:
