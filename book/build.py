@@ -86,7 +86,11 @@ def rewrite_links(text: str, source_dir: Path, lang: str, src: Path, doc_dir: st
         bang, label, url = m.groups()
         if re.match(r"[a-z][a-z0-9+.-]*:", url) or url.startswith("#"):
             return m.group(0)
+        url, hash_, fragment = url.partition("#")
+        anchor = hash_ + fragment
         path = os.path.normpath(os.path.relpath(source_dir / url, ROOT)).replace(os.sep, "/")
+        if path.startswith(".."):   # outside the repository
+            return label
         if bang:
             if (ROOT / path).is_file():
                 (src / path).parent.mkdir(parents=True, exist_ok=True)
@@ -95,12 +99,12 @@ def rewrite_links(text: str, source_dir: Path, lang: str, src: Path, doc_dir: st
             return label
         nb = _NOTEBOOK.fullmatch(path)
         if nb and nb.group(1) == lang:
-            return f"[{label}]({up}lessons/{nb.group(2)}.ipynb)"
+            return f"[{label}]({up}lessons/{nb.group(2)}.ipynb{anchor})"
         if nb:
             other = nb.group(1)
-            return f'<a href="{up}../{other}/lessons/{nb.group(2)}.html" hreflang="{other}">{label}</a>'
+            return f'<a href="{up}../{other}/lessons/{nb.group(2)}.html{anchor}" hreflang="{other}">{label}</a>'
         if re.fullmatch(r"(exercises|solutions)/[\w.-]+\.ipynb", path):
-            return f"[{label}]({up}{path})"
+            return f"[{label}]({up}{path}{anchor})"
         if path in ("exercises", "solutions"):
             return f"[{label}]({up}exercises/index.md)"
         return label

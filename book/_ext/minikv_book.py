@@ -73,7 +73,7 @@ def visit_block_math(self, node):
 
 # Chinese prose in the notebooks is wrapped at arbitrary points; a line break between two CJK
 # characters would show as a space in the browser (CSS does not remove it), so drop it.
-_CJK = "\u2E80-\u9FFF\uF900-\uFAFF\uFE30-\uFE4F\uFF00-\uFFEF"
+_CJK = "\u2014\u2026\u2E80-\u9FFF\uF900-\uFAFF\uFE30-\uFE4F\uFF00-\uFFEF"  # with —— and ……
 _CJK_BREAK = re.compile(rf"(?<=[{_CJK}])[ \t]*\n[ \t]*(?=[{_CJK}])")
 _VERBATIM = (nodes.literal_block, nodes.literal, nodes.raw, nodes.math, nodes.math_block, nodes.comment)
 
