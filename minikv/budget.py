@@ -14,6 +14,46 @@ Two numbers drive every press in minikv:
 from __future__ import annotations
 
 import math
+import numbers
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an integer in [minimum, maximum], else raise naming ``name``.
+
+    ``bool`` is refused although Python counts it as an int: ``window_size=True`` is a mistake, not 1.
+
+    >>> check_int("window_size", 64, minimum=1)
+    64
+    """
+    lo = "" if minimum is None else f" >= {minimum}"
+    hi = "" if maximum is None else f" <= {maximum}"
+    allowed = f"an integer{lo}{' and' if lo and hi else ''}{hi}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return int(value)
+
+
+def check_number(name: str, value, lo: float | None = None, hi: float | None = None, hi_open: bool = False) -> float:
+    """Return ``value`` as a float if it is a finite real number in [lo, hi] (hi excluded if ``hi_open``).
+
+    >>> check_number("epsilon", 1e-4, lo=0)
+    0.0001
+    """
+    if lo is not None and hi is not None:
+        allowed = f"a number in [{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        allowed = f"a finite number >= {lo}"
+    else:
+        allowed = "a finite number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    too_high = hi is not None and (v >= hi if hi_open else v > hi)
+    if not math.isfinite(v) or (lo is not None and v < lo) or too_high:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return v
 
 
 def check_ratio(compression_ratio: float) -> float:
@@ -43,8 +83,7 @@ def n_kept(context_length: int, compression_ratio: float) -> int:
     Computed with Python floats exactly as kvpress does, so ``n_kept(90, 0.3) == 62``
     (``90 * 0.7 == 62.99999999999999``), not 63.
     """
-    if context_length < 1:
-        raise ValueError(f"context_length must be >= 1, got {context_length}")
+    check_int("context_length", context_length, minimum=1)
     return max(1, int(context_length * (1 - check_ratio(compression_ratio))))
 
 
@@ -54,6 +93,7 @@ def n_safe(n_kept: int, alpha_safeguard: float) -> int:
     >>> n_safe(50, 0.2), n_safe(3, 0.2), n_safe(50, 0.0), n_safe(50, 1.0)
     (10, 1, 0, 50)
     """
+    check_int("n_kept", n_kept, minimum=1)
     alpha = check_alpha(alpha_safeguard)
     floor = int(n_kept * alpha)
     return max(1, floor) if alpha > 0 else 0

@@ -49,7 +49,7 @@ class ListStore:
         """Bytes of keys and values actually held."""
         return sum(t.numel() * t.element_size() for rows in (self.keys, self.values) for row in rows for t in row)
 
-    capacity_nbytes = nbytes
+    capacity_nbytes = nbytes  # a list of exact-size tensors has no reserve: allocated == held
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values (b, n_kv, q, d): q new tokens, appended to every head."""
@@ -156,7 +156,9 @@ class RaggedCache(DynamicCache):
     """A DynamicCache whose layers become ragged when a press compresses them.
 
     ``cache.kept_counts()`` -> (layers, b, n_kv); ``cache.selections[i]`` the Selection of layer i;
-    ``cache.nbytes()`` the bytes of keys and values actually held.
+    ``cache.nbytes()`` the bytes of keys and values actually held; ``cache.allocated_nbytes()`` the
+    bytes allocated for them (more than held on CUDA, where the FlatStore keeps free room per head
+    so that decoding appends in place).
     """
 
     def __init__(self, *args, **kwargs):
@@ -174,10 +176,11 @@ class RaggedCache(DynamicCache):
     def is_ragged(self, layer_idx: int) -> bool:
         return layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], RaggedLayer)
 
-    def layer_nbytes(self, layer_idx: int) -> int:
+    def layer_nbytes(self, layer_idx: int, allocated: bool = False) -> int:
+        """Bytes of keys and values held by one layer (``allocated=True``: allocated, free reserve included)."""
         layer = self.layers[layer_idx]
         if isinstance(layer, RaggedLayer):
-            return layer.store.nbytes
+            return layer.store.capacity_nbytes if allocated else layer.store.nbytes
         if getattr(layer, "keys", None) is None:
             return 0
         return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
@@ -185,6 +188,10 @@ class RaggedCache(DynamicCache):
     def nbytes(self) -> int:
         """Bytes of keys and values held by all layers."""
         return sum(self.layer_nbytes(i) for i in range(len(self.layers)))
+
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated for keys and values by all layers: ``nbytes()`` plus any free reserve (FlatStore on CUDA)."""
+        return sum(self.layer_nbytes(i, allocated=True) for i in range(len(self.layers)))
 
     def full_nbytes(self) -> int:
         """Bytes the same layers would take uncompressed (every head holding every token)."""

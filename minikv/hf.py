@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .budget import check_int
 from .cache import RaggedCache, RaggedLayer
 from .scorers.base import LayerInputs
 
@@ -155,11 +156,22 @@ def prefill(model, input_ids, press=None):
 
     -> (cache, logits of the last position (b, vocab)). Later forwards with the same cache append
     to it uncompressed; their RoPE positions continue from L.
-    """
-    from .policies import NoPress
 
+    Checked before the forward: ``input_ids`` a (b, L) integer tensor with b, L >= 1 (moved to the
+    model's device), ``press`` a minikv Press or None (a press *name* is refused: build it with
+    ``get_press(name, compression_ratio=...)``), L within the model's ``max_position_embeddings``
+    and long enough for the press (SnapKV: L > window_size).
+    """
+    press = _check_press(press)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool or 0 in input_ids.shape:
+        what = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor of token ids of shape (b, L) with b, L >= 1, got {what}")
+    input_ids = input_ids.to(next(model.parameters()).device)
+    _check_positions(model, input_ids.shape[1], f"input_ids has {input_ids.shape[1]:,} tokens")
+    press.check(input_ids.shape[1])
     cache = RaggedCache()
-    with apply_press(press if press is not None else NoPress(), model):
+    with apply_press(press, model):
         # logits_to_keep=1: only the last position's logits (a 4k x 49k-vocab tensor per row is wasted memory)
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     return cache, out.logits[:, -1]
@@ -306,8 +318,9 @@ class GenerationResult:
     token_ids: torch.Tensor  # (b, n_new)
     kept_counts: torch.Tensor  # (layers, b, n_kv) context tokens kept after compression
     context_length: int
-    cache_nbytes: int  # bytes of the compressed context cache (before the question)
+    cache_nbytes: int  # bytes of keys and values the compressed context cache holds (before the question)
     full_cache_nbytes: int  # what the uncompressed context cache would take
+    cache_allocated_nbytes: int  # bytes allocated for it: on CUDA the FlatStore's free reserve too; on CPU == cache_nbytes
     logprobs: list[torch.Tensor] | None = None  # per step, (b, vocab) float32 log-probabilities
     selections: dict = field(default_factory=dict)  # layer -> Selection
 
@@ -317,7 +330,13 @@ class GenerationResult:
 
     @property
     def kept_fraction(self) -> float:
+        """Held bytes / full-cache bytes: what the press removed."""
         return self.cache_nbytes / max(1, self.full_cache_nbytes)
+
+    @property
+    def allocated_fraction(self) -> float:
+        """Allocated bytes / full-cache bytes: what the memory really costs (>= kept_fraction)."""
+        return self.cache_allocated_nbytes / max(1, self.full_cache_nbytes)
 
 
 @torch.no_grad()
@@ -328,12 +347,18 @@ def generate(model, tokenizer, context, question, press=None, max_new_tokens: in
     context/question: a string, or lists of strings for a batch (rows must tokenize to the same
     lengths: minikv does not pad). The question and the answer are never compressed; their RoPE
     positions continue from the original context length.
+    press: a minikv Press (``get_press("adakv_snapkv", compression_ratio=0.5)``) or None (no compression).
+    A press *name* is refused: it carries no compression ratio, so accepting it would silently compress
+    nothing. Everything is checked before the prefill: the arguments' types, ``max_new_tokens >= 1``, and
+    context + question + max_new_tokens within the model's ``max_position_embeddings`` (an error: positions
+    the model was never trained on make the answer unreliable).
     """
-    from .policies import NoPress
-
-    press = press if press is not None else NoPress()
-    contexts = [context] if isinstance(context, str) else list(context)
-    questions = [question] if isinstance(question, str) else list(question)
+    press = _check_press(press)
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    for name, flag in (("query_aware", query_aware), ("return_logprobs", return_logprobs)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    contexts, questions = _check_texts("context", context), _check_texts("question", question)
     if len(questions) == 1 and len(contexts) > 1:
         questions = questions * len(contexts)
     if len(questions) != len(contexts):
@@ -347,12 +372,16 @@ def generate(model, tokenizer, context, question, press=None, max_new_tokens: in
     device = next(model.parameters()).device
     ctx_ids = torch.cat([p[0] for p in pairs]).to(device)  # (b, L)
     q_ids = torch.cat([p[1] for p in pairs]).to(device)  # (b, q)
+    L, q = ctx_ids.shape[1], q_ids.shape[1]
+    _check_positions(model, L + q + max_new_tokens,
+                     f"the context ({L:,} tokens) + question ({q:,}) + max_new_tokens ({max_new_tokens:,}) need "
+                     f"{L + q + max_new_tokens:,} positions")
     attach(model)
 
     cache, _ = prefill(model, ctx_ids, press)
     step = lambda ids: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
     kept = cache.kept_counts()  # (layers, b, n_kv)
-    cache_nbytes = cache.nbytes()
+    cache_nbytes, allocated_nbytes = cache.nbytes(), cache.allocated_nbytes()
     full_nbytes = cache.full_nbytes()
 
     eos = _eos_ids(model, tokenizer)
@@ -363,16 +392,53 @@ def generate(model, tokenizer, context, question, press=None, max_new_tokens: in
         if return_logprobs:
             logprobs.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         nxt = logits.argmax(dim=-1)  # (b,)
-        nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)
+        nxt = torch.where(done, torch.full_like(nxt, eos[0] if eos else 0), nxt)
         new_tokens.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(eos, device=device))
+        done |= torch.isin(nxt, torch.tensor(eos, dtype=torch.long, device=device))
         if done.all():
             break
         logits = step(nxt[:, None])
     ids = torch.stack(new_tokens, dim=1).cpu()  # (b, n_new)
     answers = [tokenizer.decode(_until_eos(row.tolist(), eos), skip_special_tokens=True).strip() for row in ids]
-    return GenerationResult(answers, ids, kept, ctx_ids.shape[1], cache_nbytes, full_nbytes,
-                            logprobs if return_logprobs else None, dict(cache.selections))
+    return GenerationResult(answers, ids, kept, L, cache_nbytes=cache_nbytes, full_cache_nbytes=full_nbytes,
+                            cache_allocated_nbytes=allocated_nbytes, logprobs=logprobs if return_logprobs else None,
+                            selections=dict(cache.selections))
+
+
+def _check_press(press):
+    """None -> NoPress(); a minikv Press as it is; anything else (a press name included) -> TypeError."""
+    from .policies import NoPress, Press
+
+    if press is None:
+        return NoPress()
+    if isinstance(press, str):
+        raise TypeError(f"press must be a minikv Press, got the string {press!r}: build it with "
+                        f"minikv.get_press({press!r}, compression_ratio=...) (a name says nothing about the ratio)")
+    if not isinstance(press, Press):
+        raise TypeError(f"press must be a minikv Press (e.g. minikv.get_press('adakv_snapkv', compression_ratio=0.5)) "
+                        f"or None, got {type(press).__name__}")
+    return press
+
+
+def _check_texts(name: str, text) -> list[str]:
+    """A string or a non-empty list/tuple of strings -> list of strings."""
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)) or not text or not all(isinstance(t, str) for t in text):
+        got = f"an empty {type(text).__name__}" if isinstance(text, (list, tuple)) and not text else repr(text)[:80]
+        raise TypeError(f"{name} must be a string or a non-empty list of strings (one per batch row), got {got}")
+    return list(text)
+
+
+def _check_positions(model, n_positions: int, what: str) -> None:
+    """Refuse more positions than the model was trained on (config.max_position_embeddings), before any work."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and n_positions > limit:
+        raise ValueError(
+            f"{what}, more than the model's max_position_embeddings = {limit:,}: RoPE positions it was never "
+            "trained on make its answers unreliable (and the prefill would run for minutes first). "
+            "Shorten the context (or the question / max_new_tokens)."
+        )
 
 
 def cache_kwarg(model) -> str:
@@ -383,9 +449,13 @@ def cache_kwarg(model) -> str:
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    """The end-of-sequence token ids (generation config first, then the tokenizer); [] if neither has one."""
+    config = getattr(model, "generation_config", None)
+    eos = config.eos_token_id if config is not None else None
     if eos is None:
-        eos = tokenizer.eos_token_id
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 

@@ -1,6 +1,8 @@
 """Properties of the presses on plain tensors (SPEC.md semantics)."""
 
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -99,8 +101,8 @@ def test_batch_rows_are_independent(layer, cr, name):
     if x.batch_size < 2:
         return
     full = make(name, cr, w).select(x).keep
-    # random scores are seeded by row index, so only row 0 keeps its index when computed alone
-    for r in range(1 if "random" in name else x.batch_size):
+    # random scores are seeded by each row's content, so every row keeps its tokens when computed alone
+    for r in range(x.batch_size):
         one = LayerInputs(x.keys[r:r + 1], x.values[r:r + 1], x.queries[r:r + 1], x.o_proj)
         got = make(name, cr, w).select(one).keep
         if name.endswith("snapkv"):  # the window's score is max+1 of the whole batch: a tie of window tokens
@@ -243,3 +245,70 @@ def test_unknown_press_lists_known_ones():
     with pytest.raises(ValueError, match="known presses: no_press, .*adakv_snapkv"):
         get_press("adakv_snapvk")
     assert "adakv_knorm" in minikv.press_names() and "critical_adakv_streaming_llm" in minikv.press_names()
+
+
+# ---- degenerate budgets: n_kept < SnapKV's window ----
+
+def test_degenerate_budget_warns_with_both_numbers():
+    gen = torch.Generator().manual_seed(0)
+    x = LayerInputs(torch.randn(1, 2, 210, 8, generator=gen), torch.randn(1, 2, 210, 8, generator=gen),
+                    torch.randn(1, 4, 64, 8, generator=gen))
+    for name in ("snapkv", "adakv_snapkv"):
+        with pytest.warns(minikv.scorers.DegenerateBudgetWarning, match=r"n_kept = 52 tokens per head < SnapKV window_size = 64"):
+            get_press(name, 0.75).select(x)  # 210 tokens at ratio 0.75: 52 < 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # n_kept = 105 >= 64: no warning
+        get_press("adakv_snapkv", 0.5).select(x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers(), ratios.filter(lambda r: r > 0), st.sampled_from(["snapkv", "adakv_snapkv"]))
+def test_degenerate_budget_keeps_the_most_recent_window_tokens(layer, cr, name):
+    """All window tokens tie at max + 1: minikv keeps the most recent ones, in every head (not topk's whim)."""
+    x, w = layer
+    k = n_kept(x.context_length, cr)
+    if k >= w:
+        return
+    with pytest.warns(minikv.scorers.DegenerateBudgetWarning, match=rf"n_kept = {k} .* window_size = {w}"):
+        keep = make(name, cr, w).select(x).keep
+    want = torch.zeros_like(keep)
+    want[..., -k:] = True
+    assert torch.equal(keep, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=12), st.data())
+def test_topk_ties_go_to_the_most_recent_token(values, data):
+    from minikv.policies import topk_mask, topk_mask_per_head
+
+    k = data.draw(st.integers(0, len(values)))
+    scores = torch.tensor([values], dtype=torch.float32)
+    # reference: sort by (score, position), both descending
+    best = sorted(range(len(values)), key=lambda i: (values[i], i), reverse=True)[:k]
+    want = torch.zeros(1, len(values), dtype=torch.bool)
+    want[0, best] = True
+    assert torch.equal(topk_mask(scores, k), want)
+    assert torch.equal(topk_mask_per_head(scores[None], torch.tensor([[k]]))[0], want)
+
+
+# ---- random press: a row's tokens do not depend on its place in the batch ----
+
+@pytest.mark.parametrize("name", ["random", "adakv_random", "critical_random"])
+def test_random_press_same_row_same_tokens_at_any_batch_position(name):
+    gen = torch.Generator().manual_seed(3)
+    b, n_kv, L, d = 4, 2, 30, 8
+    keys, values = torch.randn(b, n_kv, L, d, generator=gen), torch.randn(b, n_kv, L, d, generator=gen)
+    o_proj = torch.randn(16, 2 * n_kv * d, generator=gen)
+    press = get_press(name, 0.5)
+    batch = press.select(LayerInputs(keys, values, None, o_proj)).keep
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = press.select(LayerInputs(keys[perm], values[perm], None, o_proj)).keep
+    for r in range(b):
+        alone = press.select(LayerInputs(keys[r:r + 1], values[r:r + 1], None, o_proj)).keep[0]
+        assert torch.equal(alone, batch[r]), f"row {r} alone != row {r} in the batch"
+        assert torch.equal(alone, permuted[(perm == r).nonzero().item()]), f"row {r} changed when moved in the batch"
+    # and the scores are really random: rows differ, another seed differs, the same seed repeats
+    assert not torch.equal(batch[0], batch[1])
+    other = get_press(name, 0.5, seed=1).select(LayerInputs(keys, values, None, o_proj)).keep
+    assert not torch.equal(other, batch)
+    assert torch.equal(get_press(name, 0.5).select(LayerInputs(keys, values, None, o_proj)).keep, batch)

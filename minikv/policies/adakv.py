@@ -27,12 +27,14 @@ def adakv_keep_mask(scores: torch.Tensor, n_kept: int, alpha_safeguard: float = 
 
     1. safeguard: each head's top n_safe tokens get the dtype's max score;
     2. per batch row, keep the n_kv * n_kept largest scores over all (head, token) pairs.
+    Exact ties (SnapKV's window, the safeguard's max) go to the most recent token, then the lower head.
     """
     b, n_kv, L = scores.shape
     n_safe = safe_floor(n_kept, alpha_safeguard)
-    scores = scores.scatter(-1, scores.topk(n_safe, dim=-1).indices, torch.finfo(scores.dtype).max)
+    scores = scores.masked_fill(topk_mask(scores, n_safe), torch.finfo(scores.dtype).max)
     flat = scores.reshape(b, n_kv * L)  # (b, n_kv*L): heads side by side, one budget per row
-    return topk_mask(flat, n_kv * n_kept).reshape(b, n_kv, L)
+    positions = torch.arange(L, device=scores.device).repeat(n_kv)  # (n_kv*L,) token position of each pair
+    return topk_mask(flat, n_kv * n_kept, positions).reshape(b, n_kv, L)
 
 
 def adakv_budgets(scores: torch.Tensor, n_kept: int, alpha_safeguard: float = 0.2) -> torch.Tensor:

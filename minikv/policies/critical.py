@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import check_alpha, n_safe as safe_floor
+from ..budget import check_alpha, check_number, n_safe as safe_floor
 from .adakv import adakv_budgets
 from .base import Press, topk_mask, topk_mask_per_head
 
@@ -29,6 +29,9 @@ def projected_value_norm(values: torch.Tensor, o_proj: torch.Tensor) -> torch.Te
     """
     b, n_kv, L, d = values.shape
     hidden, Hd = o_proj.shape
+    if Hd % (n_kv * d) != 0:  # LayerInputs checks this too; here for direct calls on plain tensors
+        raise ValueError(f"o_proj must have shape (hidden, H * d) with H a multiple of n_kv = {n_kv} and "
+                         f"d = {d} (the values' head dim), got {tuple(o_proj.shape)}")
     H = Hd // d
     g = H // n_kv
     # column block h of o_proj maps head h's d outputs into the hidden state
@@ -62,10 +65,8 @@ class CriticalKV(Press):
 
     def __init__(self, scorer, compression_ratio: float = 0.0, epsilon: float = 1e-4, first_stage_ratio: float = 0.5):
         super().__init__(scorer, compression_ratio)
-        if not 0 <= first_stage_ratio <= 1:
-            raise ValueError(f"first_stage_ratio must be in [0, 1], got {first_stage_ratio}")
-        self.epsilon = epsilon
-        self.first_stage_ratio = first_stage_ratio
+        self.epsilon = check_number("epsilon", epsilon, lo=0)
+        self.first_stage_ratio = check_number("first_stage_ratio", first_stage_ratio, lo=0, hi=1)
 
     def keep_mask(self, scores, inputs, n_kept):
         L = inputs.context_length
@@ -92,10 +93,8 @@ class CriticalAdaKV(Press):
                  epsilon: float = 1e-4, first_stage_ratio: float = 0.5):
         super().__init__(scorer, compression_ratio)
         self.alpha_safeguard = check_alpha(alpha_safeguard)
-        if not 0 <= first_stage_ratio <= 1:
-            raise ValueError(f"first_stage_ratio must be in [0, 1], got {first_stage_ratio}")
-        self.epsilon = epsilon
-        self.first_stage_ratio = first_stage_ratio
+        self.epsilon = check_number("epsilon", epsilon, lo=0)
+        self.first_stage_ratio = check_number("first_stage_ratio", first_stage_ratio, lo=0, hi=1)
 
     def keep_mask(self, scores, inputs, n_kept):
         n_safe = safe_floor(n_kept, self.alpha_safeguard)

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
+from ..budget import check_int
 from .base import LayerInputs, Scorer
 
 
 class RandomScorer(Scorer):
-    """Uniform random scores: what any real scorer must beat. Seeded, so runs repeat."""
+    """Uniform random scores: what any real scorer must beat. Seeded, so runs repeat.
+
+    Each batch row draws from its own generator, seeded by ``seed`` and a fingerprint of the row's
+    content (its context length and a few of its keys' bytes): a row gets the same scores -- and so
+    keeps the same tokens -- wherever it sits in a batch, alone or not. Rows with identical keys get
+    identical scores; different layers (different keys) get different ones.
+    """
+
+    #: token positions (and the last token) whose keys make up a row's fingerprint
+    FINGERPRINT_POSITIONS = 8
 
     def __init__(self, seed: int = 0):
-        self.seed = seed
+        self.seed = check_int("seed", seed, minimum=0)
+
+    def row_seed(self, keys_row: torch.Tensor) -> int:
+        """keys (n_kv, L, d) of one row -> a 64-bit generator seed from ``seed`` and the row's content."""
+        L = keys_row.shape[1]
+        pos = sorted({round(i * (L - 1) / max(1, self.FINGERPRINT_POSITIONS - 1)) for i in range(self.FINGERPRINT_POSITIONS)})
+        sample = keys_row[:, pos].detach().to("cpu").contiguous()  # (n_kv, <= 8, d): a few hundred bytes to copy
+        h = hashlib.blake2b(digest_size=8)
+        h.update(f"{self.seed}:{tuple(keys_row.shape)}:{keys_row.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())  # exact bits (bfloat16 included)
+        return int.from_bytes(h.digest(), "little")
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         b, n_kv, L = inputs.keys.shape[:3]
-        # one generator per batch row, so a row's scores do not depend on the rest of the batch
-        rows = [torch.rand(n_kv, L, generator=torch.Generator().manual_seed(self.seed + 7919 * r)) for r in range(b)]
+        rows = [torch.rand(n_kv, L, generator=torch.Generator().manual_seed(self.row_seed(inputs.keys[r])))
+                for r in range(b)]
         return torch.stack(rows).to(inputs.keys.device)  # (b, n_kv, L)
 
 
@@ -31,9 +53,7 @@ class StreamingLLM(Scorer):
     """
 
     def __init__(self, n_sink: int = 4):
-        if not isinstance(n_sink, int) or n_sink < 0:
-            raise ValueError(f"n_sink must be an integer >= 0, got {n_sink!r}")
-        self.n_sink = n_sink
+        self.n_sink = check_int("n_sink", n_sink, minimum=0)
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         b, n_kv, L = inputs.keys.shape[:3]

@@ -18,11 +18,13 @@ The original repository uses w = 32 and *max* pooling of size 7 and repeats K/V 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .base import LayerInputs, Scorer
+from ..budget import check_int
+from .base import DegenerateBudgetWarning, LayerInputs, Scorer
 
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,8 @@ def snapkv_scores(
     >>> snapkv_scores(q, k, window_size=8).shape
     torch.Size([1, 2, 20])
     """
-    _check_snapkv_args(queries, keys, window_size, kernel_size, pooling)
+    _check_snapkv_params(window_size, kernel_size, pooling)
+    _check_snapkv_tensors(queries, keys, window_size)
     b, H = queries.shape[:2]
     n_kv, L = keys.shape[1], keys.shape[2]
     w, g = window_size, H // n_kv
@@ -72,21 +75,35 @@ def snapkv_scores(
     else:
         s = F.max_pool1d(s, kernel_size, stride=1, padding=kernel_size // 2)
     s = s.reshape(b, n_kv, g, L - w).mean(dim=2)  # (b, n_kv, L-w): GQA group mean
-    window = torch.full((b, n_kv, w), s.max().item() + 1, dtype=s.dtype, device=s.device)
+    top = s.max().item()  # NaN if any score is NaN: then every window token would score NaN too
+    if not math.isfinite(top):
+        raise ValueError("SnapKV scores are not finite: the queries or keys contain NaN or inf")
+    window = torch.full((b, n_kv, w), top + 1, dtype=s.dtype, device=s.device)
     return torch.cat([s, window], dim=-1)  # (b, n_kv, L)
 
 
-def _check_snapkv_args(queries, keys, window_size, kernel_size, pooling):
-    if not isinstance(window_size, int) or window_size < 1:
-        raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+def _check_snapkv_params(window_size, kernel_size, pooling):
+    check_int("window_size", window_size, minimum=1)
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be an odd integer >= 1 (so pooling keeps the length), got {kernel_size!r}")
     if pooling not in ("avg", "max"):
         raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
+
+
+def _check_snapkv_tensors(queries, keys, window_size):
+    for name, t in (("queries", queries), ("keys", keys)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if keys.dim() != 4 or queries.dim() != 4:
         raise ValueError(
             f"queries must be (b, H, w, d) and keys (b, n_kv, L, d); got {tuple(queries.shape)} and {tuple(keys.shape)}"
         )
+    if queries.device != keys.device or queries.dtype != keys.dtype:
+        raise ValueError(f"queries ({queries.dtype} on {queries.device}) and keys ({keys.dtype} on {keys.device}) "
+                         "must share one dtype and one device")
+    if queries.shape[0] != keys.shape[0] or queries.shape[3] != keys.shape[3] or 0 in keys.shape:
+        raise ValueError(f"queries (b, H, w, d) and keys (b, n_kv, L, d) must agree in b >= 1 and d >= 1; "
+                         f"got {tuple(queries.shape)} and {tuple(keys.shape)}")
     L = keys.shape[2]
     if L <= window_size:
         raise ValueError(
@@ -95,7 +112,7 @@ def _check_snapkv_args(queries, keys, window_size, kernel_size, pooling):
         )
     if queries.shape[2] < window_size:
         raise ValueError(f"SnapKV needs the queries of the last {window_size} tokens, got {queries.shape[2]}")
-    if queries.shape[1] % keys.shape[1] != 0:
+    if queries.shape[1] == 0 or queries.shape[1] % keys.shape[1] != 0:
         raise ValueError(
             f"query heads ({queries.shape[1]}) must be a multiple of KV heads ({keys.shape[1]}) to form GQA groups"
         )
@@ -105,8 +122,7 @@ class SnapKV(Scorer):
     """Scorer: attention of the last ``window_size`` prompt tokens, pooled (see module docstring)."""
 
     def __init__(self, window_size: int = 64, kernel_size: int = 5, pooling: str = "avg"):
-        _check_snapkv_args(torch.zeros(1, 1, window_size, 1), torch.zeros(1, 1, window_size + 1, 1),
-                           window_size, kernel_size, pooling)
+        _check_snapkv_params(window_size, kernel_size, pooling)
         self.window_size = window_size
         self.kernel_size = kernel_size
         self.pooling = pooling
@@ -121,6 +137,16 @@ class SnapKV(Scorer):
                 f"SnapKV needs a context longer than its window: context length {context_length} <= "
                 f"window_size {self.window_size}; use a longer context or a smaller window_size"
             )
+
+    def check_budget(self, n_kept: int, context_length: int) -> None:
+        """Warn when the budget is smaller than the window: then only the tie-break among window tokens decides."""
+        if n_kept < self.window_size:
+            warnings.warn(
+                f"degenerate budget: n_kept = {n_kept} tokens per head < SnapKV window_size = {self.window_size} "
+                f"(context length {context_length}). All {self.window_size} window tokens score max + 1, so SnapKV's "
+                "ranking cannot choose among them; minikv keeps the most recent ones (kvpress leaves it to torch.topk's "
+                "tie order). Use a smaller window_size or a lower compression_ratio.",
+                DegenerateBudgetWarning, stacklevel=3)
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         if inputs.queries is None:
