@@ -52,6 +52,9 @@ suppress_warnings = ["mystnb.unknown_mime_type", "myst.header"]  # exercises: bi
 # Math: MathML written at build time (minikv_book.py); no MathJax, nothing loaded.
 html_math_renderer = "minikv_mathml"
 
+# Copy buttons on code (inputs and Markdown code blocks), not on printed outputs.
+copybutton_selector = "div:not(.output) > div.highlight pre"
+
 bibtex_bibfiles = [str(BOOK / "references.bib")]
 bibtex_default_style = "unsrt"
 

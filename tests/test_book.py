@@ -203,7 +203,10 @@ const maths = [...article.querySelectorAll('math')].map(m => {
   const r = m.getBoundingClientRect(); return {w: r.width, h: r.height, display: getComputedStyle(m).display};
 });
 const fonts = [...document.fonts].filter(f => f.family.replace(/"/g, '') === 'minikv CJK').map(f => f.status);
-return {title: document.title, h1: h1text, imgs: imgs, maths: maths, fonts: fonts,
+const code = article.querySelectorAll('.cell_input div.highlight').length;
+const copy = article.querySelectorAll('.cell_input div.highlight button.copybtn').length;
+const outputCopy = article.querySelectorAll('.cell_output button.copybtn').length;
+return {title: document.title, h1: h1text, imgs: imgs, maths: maths, fonts: fonts, code: code, copy: copy, outputCopy: outputCopy,
         errors: article.querySelectorAll('.minikv-math-error').length};
 """
 
@@ -272,6 +275,10 @@ def test_lesson_page_in_chromium(chrome, site, lang, name):
     assert len(rep["imgs"]) >= n_images, f"{where}: {len(rep['imgs'])} images shown, notebook has {n_images}"
     empty = [i["src"] for i in rep["imgs"] if not (i["complete"] and i["natural"] > 0 and i["w"] > 0 and i["h"] > 0)]
     assert not empty, f"{where}: figures not shown: {empty}"
+
+    assert rep["code"] > 0 and rep["copy"] == rep["code"], \
+        f"{where}: {rep['copy']} copy buttons for {rep['code']} code cells"
+    assert rep["outputCopy"] == 0, f"{where}: copy buttons on outputs"
 
     n_math = math_count(lang, name)
     assert rep["errors"] == 0
