@@ -46,7 +46,7 @@ HELDOUT_TOKENS = 128  # the true continuation after a natural-text context, for 
 METRICS = {"passkey": ["accuracy"], "multifact": ["accuracy"], "fidelity": ["kl", "top1"],
            "heldout": ["fut_err", "win_err", "fut_mass", "win_mass", "shift"],
            "longppl": ["kl", "kl_long", "dnll", "dnll_long", "top1"],
-           "qa": ["em", "logp"]}
+           "qa": ["em", "logp"], "qa0": ["em", "logp"]}
 #: metrics where a smaller value is better (the rest: larger is better; "shift" only describes)
 LOWER_IS_BETTER = {"fut_err", "win_err", "fut_mass", "win_mass", "kl", "kl_long", "dnll", "dnll_long"}
 DESCRIPTIVE = {"shift"}
@@ -187,10 +187,10 @@ def make_batches(tok, name: str, n_tokens: int, n: int, batch_size: int, seed: i
         ids = natural_text_windows(tok, n_tokens, HELDOUT_TOKENS, n)  # (n, L + C), disjoint windows
         return [dict(task=task_label(name, n_tokens), samples=[Sample(name, n_tokens, i, "") for i in range(a, min(n, a + batch_size))],
                      ids=ids[a:a + batch_size]) for a in range(0, n, batch_size)]
-    if name == "qa":
+    if name in ("qa", "qa0"):  # qa: each asked fact has a same-template distractor; qa0: none
         from .tasks import qa_sample
 
-        qs = [qa_sample(tok, i, n_tokens, seed=seed) for i in range(n)]
+        qs = [qa_sample(tok, i, n_tokens, n_distractors=0 if name == "qa0" else 1, seed=seed) for i in range(n)]
         return [dict(task=task_label(name, n_tokens), samples=qs[a:a + batch_size]) for a in range(0, n, batch_size)]
     samples = make_samples(name, n_tokens, n, seed)
     batches = []
@@ -279,7 +279,7 @@ def qa_templates_kept(records: list[dict]) -> dict:
     """{task: set of QA templates the full cache answers exactly in >= QA_FULL_CACHE_EM of its questions}."""
     em: dict = {}
     for r in records:
-        if r["task"].startswith("qa:") and r["press"] == "no_press":
+        if r["task"].startswith(("qa:", "qa0:")) and r["press"] == "no_press":
             for q in r["questions"]:
                 em.setdefault(r["task"], {}).setdefault(q["template"], []).append(bool(q["em"]))
     return {t: {k for k, v in by.items() if np.mean(v) >= QA_FULL_CACHE_EM} for t, by in em.items()}
@@ -289,7 +289,7 @@ def metric_value(rec: dict, metric: str, qa_keep: dict | None = None) -> float:
     """One record's value of a metric (NaN where it does not exist, e.g. no long-dependent token)."""
     if metric == "accuracy":
         return float(bool(rec["correct"]))
-    if rec["task"].startswith("qa:"):
+    if rec["task"].startswith(("qa:", "qa0:")):
         keep = (qa_keep or {}).get(rec["task"])
         qs = [q for q in rec["questions"] if keep is None or q["template"] in keep]
         if not qs:
@@ -696,7 +696,7 @@ def _run_cell(model, tok, kind, batch, pending, samples, press, args, dev, pad_i
             ref = ef.longppl_reference(model, ids, L)
         sub = {k: v[pending] for k, v in ref.items()}
         return ef.run_longppl_batch(model, ids[pending], L, press, sub), ref
-    if kind == "qa":
+    if kind in ("qa", "qa0"):
         return ef.run_qa_batch(model, samples, press, pad_id)
     if kind == "fidelity":
         ctx, cont = batch["ctx_ids"][pending].to(dev), batch["cont_ids"][pending].to(dev)

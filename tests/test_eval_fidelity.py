@@ -282,3 +282,13 @@ def test_qa_people_share_no_first_or_last_name():
         people |= set(re.findall(r"The locker of ([A-Z][a-z]+ [A-Z][a-z]+)", text))
         assert len(people) == 8
         assert len({p.split()[0] for p in people}) == 8 and len({p.split()[1] for p in people}) == 8
+
+
+def test_committed_heldout_tables_match_their_csv():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "results_tables.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
