@@ -290,6 +290,26 @@ def test_a_right_answer_that_edits_the_input_in_place_is_rejected():
     assert message.index("Hint 1 (idea)") < message.index("Hint 2 (code)")
 
 
+def test_hint_level_one_keeps_the_code_hint_back():
+    from minikv.exercises import set_hint_level
+
+    def alpha_ignored(scores, n_kept, alpha_safeguard=0.2):
+        return reference.adakv_keep_mask(scores, n_kept, 0.0)
+
+    try:
+        set_hint_level(1)
+        with pytest.raises(ExerciseFailure) as info:
+            check_adakv_selection(alpha_ignored)
+        assert "Hint 1 (idea): AdaKV without the safeguard" in str(info.value)
+        assert "Hint 2 (code)" not in str(info.value) and "set_hint_level(2)" in str(info.value)
+    finally:
+        set_hint_level(2)
+    with pytest.raises(ExerciseFailure, match=r"Hint 2 \(code\)"):
+        check_adakv_selection(alpha_ignored)
+    with pytest.raises(ValueError, match="level must be 1"):
+        set_hint_level(3)
+
+
 def test_the_n_safe_message_is_arithmetically_right():
     from minikv.exercises.selection import bounds_story, n_safe_story
 

@@ -7,7 +7,8 @@ scores where they matter -- compares with minikv's own implementation
 (:mod:`minikv.exercises.reference`), and raises :class:`ExerciseFailure` saying what differs:
 shape, dtype, which row / head / token, expected vs got. Changing an input in place is a failure
 too. When your answer is reproduced by a known mistake, the message adds two hints: "Hint 1
-(idea)" and "Hint 2 (code)". A stub that raises ``NotImplementedError`` passes through unchanged.
+(idea)" and "Hint 2 (code)" (``set_hint_level(1)`` keeps the code hint back until you ask for it).
+A stub that raises ``NotImplementedError`` passes through unchanged.
 
 | exercise | your function | checker |
 |---|---|---|
@@ -22,13 +23,13 @@ too. When your answer is reproduced by a known mistake, the message adds two hin
 | 09 | ``append_token(keys, values, k_new, v_new)``, ``ragged_attention(query, keys, values)`` | :func:`check_ragged_append`, :func:`check_ragged_attention` |
 """
 
-from ._check import ExerciseFailure
+from ._check import ExerciseFailure, set_hint_level
 from .ragged import check_ragged_append, check_ragged_attention
 from .scoring import check_pooling, check_value_norm, check_window_scores
 from .selection import (check_adakv_selection, check_critical_adakv, check_floor_ceiling, check_safeguard,
                         check_topk_per_head, check_uniform_topk)
 
-__all__ = ["ExerciseFailure", "check_window_scores", "check_pooling", "check_uniform_topk", "check_safeguard",
+__all__ = ["ExerciseFailure", "set_hint_level", "check_window_scores", "check_pooling", "check_uniform_topk", "check_safeguard",
            "check_adakv_selection", "check_floor_ceiling", "check_value_norm", "check_topk_per_head",
            "check_critical_adakv", "check_ragged_append", "check_ragged_attention"]
 

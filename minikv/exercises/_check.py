@@ -76,8 +76,24 @@ class Mistake:
     code: str
 
 
+_HINT_LEVEL = [2]
+
+
+def set_hint_level(level: int) -> None:
+    """How much a failure message tells: 1 = the idea only, 2 = the idea and then the code (the default).
+
+    >>> set_hint_level(1)   # try with the concept alone; set_hint_level(2) shows the code hint again
+    """
+    if level not in (1, 2):
+        raise ValueError(f"level must be 1 (idea only) or 2 (idea, then code), got {level!r}")
+    _HINT_LEVEL[0] = level
+
+
 def hint_text(idea: str, code: str = "") -> str:
     """The two-level hint as it appears in a message: the concept first, then the code."""
+    if code and _HINT_LEVEL[0] == 1:
+        return (f"\n  Hint 1 (idea): {idea}\n  (Hint 2, the code, is hidden: "
+                "minikv.exercises.set_hint_level(2) shows it)")
     return f"\n  Hint 1 (idea): {idea}" + (f"\n  Hint 2 (code): {code}" if code else "")
 
 
