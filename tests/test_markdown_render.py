@@ -29,7 +29,11 @@ def plain_text(markdown: str) -> str:
     out = []
     for tok in _md.parse(markdown):
         if tok.type == "inline":
-            out.extend(child.content for child in tok.children or [] if child.type == "text")
+            for child in tok.children or []:
+                if child.type == "text":
+                    out.append(child.content)
+                elif child.type in ("softbreak", "hardbreak"):
+                    out.append(" ")  # a line break inside a paragraph: keep words (and markers) apart
             out.append("\n")
     return "".join(out)
 
