@@ -5,10 +5,10 @@ decide how many tokens each KV head keeps. ``AdaKV(SnapKV(), 0.5)`` reads like t
 "AdaKV wraps the SnapKV scorer".
 """
 
+import importlib
+
 from .budget import head_ceiling, n_kept, n_safe
-from .policies import AdaKV, CriticalAdaKV, CriticalKV, NoPress, Press, Selection, Uniform
 from .registry import MAIN_PRESSES, get_press, press_names
-from .scorers import KNorm, LayerInputs, RandomScorer, Scorer, SnapKV, StreamingLLM, snapkv_scores
 
 __version__ = "0.1.0"
 
@@ -19,18 +19,19 @@ __all__ = [
     "get_press", "press_names", "MAIN_PRESSES",
 ]
 
+# imported on first use, so that `import minikv` (and `python -m minikv --help`) needs no torch
+_LAZY = {
+    **dict.fromkeys(["Press", "Selection", "NoPress", "Uniform", "AdaKV", "CriticalKV", "CriticalAdaKV"], "policies"),
+    **dict.fromkeys(["Scorer", "LayerInputs", "SnapKV", "snapkv_scores", "RandomScorer", "StreamingLLM", "KNorm"],
+                    "scorers"),
+    **dict.fromkeys(["load_model", "generate", "apply_press", "attach", "detach", "attached", "GenerationResult"], "hf"),
+    **dict.fromkeys(["RaggedCache", "ListStore"], "cache"),
+}
 
-def __getattr__(name):  # the model-facing API loads transformers only when asked for
-    if name in ("load_model", "generate", "apply_press", "attach", "GenerationResult"):
-        from . import hf
 
-        return getattr(hf, name)
-    if name in ("RaggedCache", "ListStore"):
-        from . import cache
-
-        return getattr(cache, name)
-    if name in ("demo", "tasks", "hf", "cache", "exercises", "gpu", "evaluate"):  # submodules, on first use
-        import importlib
-
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in ("demo", "tasks", "hf", "cache", "exercises", "gpu", "evaluate", "fidelity", "stats", "diagrams", "cli"):  # submodules, on first use
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'minikv' has no attribute {name!r}")

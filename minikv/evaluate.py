@@ -39,8 +39,6 @@ from . import get_press
 from .registry import MAIN_PRESSES
 from .tasks import Sample, make_samples
 
-DEFAULT_TASKS = "passkey:1024,passkey:2048,passkey:4096,multifact:2048,fidelity:768"
-DEFAULT_RATIOS = "0.25,0.5,0.75,0.875"
 CONTINUATION_TOKENS = 64  # teacher-forced tokens after the context, for fidelity
 HELDOUT_TOKENS = 128  # the true continuation after a natural-text context, for heldout and longppl
 METRICS = {"passkey": ["accuracy"], "multifact": ["accuracy"], "fidelity": ["kl", "top1"],

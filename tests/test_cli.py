@@ -174,8 +174,6 @@ def test_cli_module_needs_no_torch(argv):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="minikv/__init__.py imports minikv.policies (torch) eagerly; "
-                                       "with a lazy __init__ this passes: then remove this marker")
 def test_python_m_minikv_help_imports_no_torch():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "minikv", "--help"], capture_output=True, text=True,

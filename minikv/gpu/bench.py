@@ -38,18 +38,10 @@ MODELS = {  # attention shapes: query heads, KV heads, head dim, plus the layer 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--models", default="smollm2,llama8b")
-    parser.add_argument("--lengths", default="4096,16384,32768,131072")
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--ratios", default="0.5,0.75,0.875")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per variant")
-    parser.add_argument("--sweep", action="store_true", help="first try kernel tilings and keep the fastest")
-    parser.add_argument("--overhead", action="store_true", help="also time selection + FlatStore build vs a 32k prefill")
-    parser.add_argument("--layer-step", action="store_true", help="also time one layer's append vs attend")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this many seconds")
-    parser.add_argument("--out", default=os.environ.get("OUT", "results/gpu"), help="folder for bench_<gpu>.json")
-    parser.add_argument("--seed", type=int, default=0)
+    """The bench command's options (defined in the torch-free minikv.cli, so --help needs no torch)."""
+    from ..cli import add_bench_arguments
+
+    add_bench_arguments(parser)
 
 
 # -- inputs ----------------------------------------------------------------------------------------
