@@ -326,6 +326,13 @@ def safeguard_smallest(scores, n_kept, alpha_safeguard=0.2):
     return scores.scatter(-1, idx, torch.finfo(scores.dtype).max)
 
 
+def safeguard_setitem_in_place(scores, n_kept, alpha_safeguard=0.2):
+    b, n_kv, L = scores.shape
+    idx = scores.topk(_n_safe(n_kept, alpha_safeguard), dim=-1).indices  # (b, n_kv, n_safe)
+    scores[torch.arange(b)[:, None, None], torch.arange(n_kv)[None, :, None], idx] = torch.finfo(scores.dtype).max
+    return scores
+
+
 # -- 05 AdaKV --------------------------------------------------------------------------------------
 
 
@@ -390,6 +397,13 @@ def adakv_safeguard_in_place(scores, n_kept, alpha_safeguard=0.2):
 def adakv_round_safeguard(scores, n_kept, alpha_safeguard=0.2):
     b, n_kv, L = scores.shape
     n = max(1, round(alpha_safeguard * n_kept)) if alpha_safeguard > 0 else 0
+    protected = scores.scatter(-1, scores.topk(n, dim=-1).indices, torch.finfo(scores.dtype).max)
+    return _mask_of(protected.reshape(b, -1).topk(n_kv * n_kept, dim=-1).indices, b, n_kv, L)
+
+
+def adakv_safeguard_at_alpha_zero(scores, n_kept, alpha_safeguard=0.2):
+    b, n_kv, L = scores.shape
+    n = max(1, int(alpha_safeguard * n_kept))  # protects one token per head even when alpha = 0
     protected = scores.scatter(-1, scores.topk(n, dim=-1).indices, torch.finfo(scores.dtype).max)
     return _mask_of(protected.reshape(b, -1).topk(n_kv * n_kept, dim=-1).indices, b, n_kv, L)
 
@@ -820,6 +834,7 @@ WRONG = [
     (check_safeguard, safeguard_threshold, "'score >= the n_safe-th largest'"),
     (check_safeguard, safeguard_ceil, "int(alpha_safeguard * n_kept), not math.ceil"),
     (check_safeguard, safeguard_smallest, "*highest* n_safe"),
+    (check_safeguard, safeguard_setitem_in_place, "changed its input `scores`"),
     (check_adakv_selection, adakv_no_safeguard, "AdaKV without the safeguard"),
     (check_adakv_selection, adakv_per_head, "this is per-head (uniform) selection"),
     (check_adakv_selection, adakv_whole_batch, "AdaKV selects per batch row"),
@@ -829,6 +844,7 @@ WRONG = [
     (check_adakv_selection, adakv_threshold, "keeps *more* than k tokens"),
     (check_adakv_selection, adakv_safeguard_in_place, "changed its input `scores`"),
     (check_adakv_selection, adakv_round_safeguard, "not round(...)"),
+    (check_adakv_selection, adakv_safeguard_at_alpha_zero, "alpha_safeguard = 0 switches the safeguard off"),
     (check_floor_ceiling, bounds_without_cap, "cannot keep more than the L tokens"),
     (check_floor_ceiling, bounds_round_kept, "n_kept floors"),
     (check_floor_ceiling, bounds_minus_removed, "L - floor(L · cr) rounds the other way"),
@@ -943,3 +959,114 @@ def test_every_catalogued_mistake_is_caught_and_hinted_as_itself(checker, capsys
         found = diagnose(mistake.fn, _run(mistake.fn, case), case, CATALOGUE[checker], probes, tol,
                          REFERENCES[checker])
         assert found == [mistake], (mistake.idea, [m.idea for m in found], case.name)
+
+
+# -- right answers written differently are accepted -------------------------------------------------
+# A checker must not be stricter than the spec: other tie-breaks, float32 arithmetic for half inputs,
+# loops instead of vector code.
+
+
+def right_window_in_float32(queries, keys):
+    w, L = queries.shape[2], keys.shape[2]
+    attn = torch.softmax(_causal(_logits(queries.float(), keys.float()), w, L), dim=-1)
+    return attn[..., : L - w].mean(2).to(queries.dtype)
+
+
+def right_pooling_by_convolution(s, n_kv, window_size, kernel_size=5):
+    b, H, n = s.shape
+    ones = torch.ones(1, 1, kernel_size, dtype=s.dtype) / kernel_size
+    p = F.conv1d(s.reshape(b * H, 1, n), ones, padding=kernel_size // 2).reshape(b, n_kv, H // n_kv, n).mean(2)
+    return _finish(p, window_size)
+
+
+def right_uniform_by_argsort(scores, n_kept):
+    idx = scores.argsort(dim=-1, descending=True, stable=True)[..., :n_kept]  # ties: the first index wins
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+
+
+def right_uniform_last_index_wins(scores, n_kept):
+    flipped = scores.flip(-1)  # ties broken the other way round
+    idx = flipped.argsort(dim=-1, descending=True, stable=True)[..., :n_kept]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True).flip(-1)
+
+
+def right_safeguard_loop(scores, n_kept, alpha_safeguard=0.2):
+    n = _n_safe(n_kept, alpha_safeguard)
+    out = scores.clone()
+    for r in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            order = scores[r, h].flip(0).argsort(descending=True, stable=True)  # last index wins ties
+            out[r, h, scores.shape[-1] - 1 - order[:n]] = torch.finfo(scores.dtype).max
+    return out
+
+
+def right_adakv_by_sorting(scores, n_kept, alpha_safeguard=0.2):
+    b, n_kv, L = scores.shape
+    flat = _protect(scores, n_kept, alpha_safeguard).reshape(b, -1).flip(-1)
+    idx = flat.argsort(dim=-1, descending=True, stable=True)[:, : n_kv * n_kept]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter(-1, idx, True).flip(-1).reshape(b, n_kv, L)
+
+
+def right_bounds_with_math_floor(L, compression_ratio, n_kv, alpha_safeguard=0.2):
+    n_kept = max(1, math.floor(L * (1 - compression_ratio)))
+    n_safe = max(1, math.floor(n_kept * alpha_safeguard)) if alpha_safeguard > 0 else 0
+    return n_safe, min(L, n_kv * n_kept - (n_kv - 1) * n_safe)
+
+
+def right_value_norm_einsum(values, o_proj):
+    b, n_kv, L, d = values.shape
+    hidden, H = o_proj.shape[0], o_proj.shape[1] // d
+    w_o = o_proj.float().reshape(hidden, n_kv, H // n_kv, d)  # column block h = k * g + j
+    return torch.einsum("bkld,hkjd->bkjlh", values.float(), w_o).abs().sum(-1).mean(2)
+
+
+def right_per_head_loop(scores, budgets):
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for r in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            keep[r, h, scores[r, h].topk(int(budgets[r, h])).indices] = True
+    return keep
+
+
+def right_critical_own_ranking(scores, values, o_proj, n_kept, alpha_safeguard=0.2, epsilon=1e-4,
+                               first_stage_ratio=0.5):
+    budgets = adakv_keep_mask(scores, n_kept, alpha_safeguard).sum(-1)
+    first = (budgets * first_stage_ratio).long().clamp(min=_n_safe_of(n_kept, alpha_safeguard))
+    crit = (scores.float() + epsilon) * projected_value_norm(values, o_proj)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for r in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            protected = scores[r, h].float().topk(int(first[r, h])).indices
+            rest = crit[r, h].clone()
+            rest[protected] = float("inf")
+            keep[r, h, rest.topk(int(budgets[r, h])).indices] = True
+    return keep
+
+
+def right_append_vstack(keys, values, k_new, v_new):
+    return ([[torch.vstack([k, k_new[r, h]]) for h, k in enumerate(row)] for r, row in enumerate(keys)],
+            [[torch.vstack([v, v_new[r, h]]) for h, v in enumerate(row)] for r, row in enumerate(values)])
+
+
+def right_attention_in_float32(query, keys, values):
+    b, H, d = query.shape
+    g = H // len(keys[0])
+    out = torch.stack([torch.stack([_attend(query[r, h][None].float(), keys[r][h // g].float(),
+                                            values[r][h // g].float())[0] for h in range(H)]) for r in range(b)])
+    return out.to(values[0][0].dtype)
+
+
+RIGHT = [
+    (check_window_scores, right_window_in_float32), (check_pooling, right_pooling_by_convolution),
+    (check_uniform_topk, right_uniform_by_argsort), (check_uniform_topk, right_uniform_last_index_wins),
+    (check_safeguard, right_safeguard_loop), (check_adakv_selection, right_adakv_by_sorting),
+    (check_floor_ceiling, right_bounds_with_math_floor), (check_value_norm, right_value_norm_einsum),
+    (check_topk_per_head, right_per_head_loop), (check_critical_adakv, right_critical_own_ranking),
+    (check_ragged_append, right_append_vstack), (check_ragged_attention, right_attention_in_float32),
+]
+
+
+@pytest.mark.parametrize("checker, right", RIGHT, ids=[r.__name__ for _, r in RIGHT])
+def test_a_right_answer_written_differently_is_accepted(checker, right, capsys):
+    checker(right)
+    assert "✅" in capsys.readouterr().out

@@ -183,7 +183,9 @@ def check_ragged_attention(fn) -> None:
     case = Case(WORKED + ", compressed by AdaKV; query = the last window token", (x.queries[:, :, -1], keys, values))
 
     def compare(got, expected, case):
-        problem = compare_tensor(got, expected, "attention output", ("row", "query head", "dim"), 1e-5, 1e-4)
+        # a weighted sum of values can cancel to ~0: in bfloat16 its rounding error is absolute, not relative
+        atol = 1.5e-2 if expected.dtype == torch.bfloat16 else 1e-5
+        problem = compare_tensor(got, expected, "attention output", ("row", "query head", "dim"), atol, 1e-4)
         if problem and isinstance(got, torch.Tensor) and got.shape == expected.shape and got.isnan().any():
             problem += hint_text("NaN in your output: a softmax over a row that is -inf everywhere gives NaN",
                                  "every head here keeps at least one token; mask only the padding, if you pad")
