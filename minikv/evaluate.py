@@ -368,6 +368,8 @@ def paired_summary(records: list[dict], n_boot: int = 4000) -> list[dict]:
                     x = [metric_value(ra[i], m, qa_keep) for i in common]
                     y = [metric_value(rb[i], m, qa_keep) for i in common]
                     d = paired_difference(x, y, lower_is_better=m in LOWER_IS_BETTER, n_boot=n_boot)
+                    if d["n"] == 0:  # the metric exists on no sample (e.g. QA templates the full cache fails)
+                        continue
                     rows.append(dict(task=task, query_aware=qa, metric=m, ratio=ratio, a=a, b=b,
                                      lower_is_better=m in LOWER_IS_BETTER, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}))
     return rows
@@ -721,8 +723,13 @@ def finish(out: Path, records: list[dict]) -> int:
     paired = paired_summary(records)
     if paired:
         write_paired_csv(paired, out / "paired.csv")
-        plot_paired(paired, out / "paired.png")
-        print(f"-> {out / 'paired.csv'}, {out / 'paired.png'}")
+        figs = {"paired.png": dict(pairs=PAIRS[:4]), "paired_baselines.png": dict(pairs=PAIRS[4:]),
+                "paired_ablations.png": dict(pairs=[p for p in {(r["a"], r["b"]) for r in paired} if "+" in p[0]])}
+        for name, kw in figs.items():
+            if any((r["a"], r["b"]) in kw["pairs"] for r in paired):
+                plot_paired(paired, out / name, **kw)
+                print(f"-> {out / name}")
+        print(f"-> {out / 'paired.csv'}")
     print(f"-> {out / 'summary.csv'}, {out / 'plot.png'}")
     return 0
 
