@@ -482,13 +482,39 @@ def prefill_to_stores(model, input_ids: torch.Tensor, reserve: int = 64, n_queri
     return Prefilled(stores, queries, logits, L)
 
 
-def compressed_stores(prefilled: Prefilled, press, model, reserve: int = 64) -> list:
-    """One FlatStore per layer holding what ``press`` keeps of the prefilled context."""
-    from ..hf import attention_modules
+def select_rows_per_chunk(prefilled: Prefilled, press, model, max_bytes: float = 2 ** 31) -> int:
+    """Batch rows a press selects from at once so that its largest float32 temporary stays under ``max_bytes``.
 
+    CriticalKV's ``||v W_o||_1`` builds (rows, n_kv, L, hidden) in float32 (minikv.policies.critical): for
+    Llama-3.1-8B at b = 8, L = 32k that is 32 GiB at once. Every press here selects each batch row on its own
+    (scores, AdaKV budgets and top-k are per row), so selecting a few rows at a time gives the same masks.
+    """
+    s0 = prefilled.stores[0]
+    hidden = model.config.hidden_size
+    per_row = s0.n_kv * prefilled.context_length * max(hidden, s0.k_flat.shape[1]) * 4
+    return max(1, min(s0.b, int(max_bytes // per_row)))
+
+
+def compressed_stores(prefilled: Prefilled, press, model, reserve: int = 64, rows_per_select: int | None = None) -> list:
+    """One FlatStore per layer holding what ``press`` keeps of the prefilled context.
+
+    The press selects ``rows_per_select`` batch rows at a time (default: ``select_rows_per_chunk``, memory);
+    the keep masks are the same as one call on the whole batch (presses select each row on its own).
+    """
+    from ..hf import attention_modules
+    from ..scorers.base import LayerInputs
+
+    rows = rows_per_select or select_rows_per_chunk(prefilled, press, model)
     stores = []
     for i, m in enumerate(attention_modules(model)):
         inputs = prefilled.layer_inputs(i, m.o_proj.weight.detach(), press.needs_queries)
-        keep = press.select(inputs).keep
+        b = inputs.keys.shape[0]
+        if rows >= b:
+            keep = press.select(inputs).keep
+        else:
+            keep = torch.cat([press.select(LayerInputs(
+                inputs.keys[r0:r0 + rows], inputs.values[r0:r0 + rows],
+                None if inputs.queries is None else inputs.queries[r0:r0 + rows], inputs.o_proj)).keep
+                for r0 in range(0, b, rows)])
         stores.append(FlatStore.from_selection(inputs.keys, inputs.values, keep, reserve=reserve))
     return stores
