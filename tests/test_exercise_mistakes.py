@@ -824,7 +824,7 @@ WRONG = [
     (check_uniform_topk, uniform_ascending, "keeps the *largest* scores"),
     (check_uniform_topk, uniform_strictly_above_next, None),
     (check_uniform_topk, uniform_greedy_in_place, "changed its input `scores`"),
-    (check_safeguard, safeguard_rounding, "n_safe rounds *down*"),
+    (check_safeguard, safeguard_rounding, "int(alpha_safeguard * n_kept), not round(...)"),
     (check_safeguard, safeguard_in_place, "changed its input `scores`"),
     (check_safeguard, safeguard_infinity, "inf turns into nan"),
     (check_safeguard, safeguard_float32_max, "float32's max overflows to inf"),
@@ -843,7 +843,7 @@ WRONG = [
     (check_adakv_selection, adakv_row_keeps_n_kept, "a row's budget is n_kv · n_kept pairs"),
     (check_adakv_selection, adakv_threshold, "keeps *more* than k tokens"),
     (check_adakv_selection, adakv_safeguard_in_place, "changed its input `scores`"),
-    (check_adakv_selection, adakv_round_safeguard, "not round(...)"),
+    (check_adakv_selection, adakv_round_safeguard, "int(alpha_safeguard * n_kept), not round(...)"),
     (check_adakv_selection, adakv_safeguard_at_alpha_zero, "alpha_safeguard = 0 switches the safeguard off"),
     (check_floor_ceiling, bounds_without_cap, "cannot keep more than the L tokens"),
     (check_floor_ceiling, bounds_round_kept, "n_kept floors"),
@@ -907,15 +907,14 @@ def test_checker_rejects_a_learner_mistake_with_the_right_hint(checker, wrong, h
     message = str(info.value)
     assert "✅" not in capsys.readouterr().out
     ideas = {m.idea for m in CATALOGUE[checker]}
-    given = [idea for idea, _ in info.value.hints if idea in ideas]
+    given = [(m.idea, m.code) for m in CATALOGUE[checker] if (m.idea, m.code) in info.value.hints]
     if hint is None:  # not in the catalogue: no catalogued hint may appear
         assert given == [], message
         assert not any(idea in message for idea in ideas), message
         return
     assert hint in message, message
-    catalogued = [idea for idea in ideas if hint in idea]
-    if catalogued:  # the one catalogued mistake it is, and no other
-        assert given == catalogued, message
+    catalogued = [(m.idea, m.code) for m in CATALOGUE[checker] if hint in m.idea or hint in m.code]
+    assert given == catalogued, message  # the one catalogued mistake it is, or none when it is not catalogued
     if "Hint 1 (idea)" in message:  # idea first, then code
         assert message.index("Hint 1 (idea)") < message.index("Hint 2 (code)"), message
 
@@ -956,8 +955,9 @@ def test_every_catalogued_mistake_is_caught_and_hinted_as_itself(checker, capsys
     for mistake in CATALOGUE[checker]:
         case = next((p for p in probes + run["tied"] if caught(p, mistake)), None)
         assert case is not None, f"no fixed or probe case catches: {mistake.idea}"
-        found = diagnose(mistake.fn, _run(mistake.fn, case), case, CATALOGUE[checker], probes, tol,
-                         REFERENCES[checker])
+        wrong = _run(mistake.fn, case)
+        right = expect(case, wrong) if expect else _run(REFERENCES[checker], case)
+        found = diagnose(mistake.fn, wrong, case, CATALOGUE[checker], probes, tol, REFERENCES[checker], right)
         assert found == [mistake], (mistake.idea, [m.idea for m in found], case.name)
 
 

@@ -254,15 +254,18 @@ AGREEMENT = 0.75
 
 
 def diagnose(fn: Callable, got, case: Case, mistakes: list[Mistake], probes: list[Case],
-             tol: dict, reference: Callable | None = None) -> list[Mistake]:
+             tol: dict, reference: Callable | None = None, expected: Any = None) -> list[Mistake]:
     """The catalogued mistakes that explain the learner's answer.
 
-    A mistake is a candidate only when it reproduces the learner's answer on the failing ``case``
-    itself. It is confirmed when, on the probe cases where the mistake gives a wrong answer, the
-    learner gives that same wrong answer at least AGREEMENT of the time. Of several confirmed
-    mistakes, the ones reproduced on the most probe cases win (the most evidence).
+    A mistake is a candidate only when, on the failing ``case`` itself, it is wrong (differs from
+    ``expected``, when given) and reproduces the learner's answer. It is confirmed when, on the probe
+    cases where the mistake gives a wrong answer, the learner gives that same wrong answer at least
+    AGREEMENT of the time. Of several confirmed mistakes, the ones reproduced on the most probe cases
+    win (the most evidence).
     """
-    candidates = [m for m in mistakes if _agree(got, _run(m.fn, case), tol)]
+    outputs = [(m, _run(m.fn, case)) for m in mistakes]
+    candidates = [m for m, wrong in outputs if _agree(got, wrong, tol)
+                  and (expected is None or not _agree(wrong, expected, tol))]
     if not candidates or reference is None:
         return candidates
     learner = [_run(fn, p) for p in probes]
@@ -452,14 +455,15 @@ def _run_checker(name, fn, worked, cases, reference, compare, mistakes, n_random
     LAST_RUN[name] = {"probes": probes, "tied": tied, "reference": reference, "mistakes": mistakes, "tol": tol,
                       "expect": expect}
 
-    def explain(got, case: Case, problem: str) -> ExerciseFailure:
+    def explain(got, case: Case, problem: str, expected: Any = None) -> ExerciseFailure:
         """The full failure for one case, with the hints of every catalogued mistake that reproduces it."""
-        hints = [(m.idea, m.code) for m in diagnose(fn, got, case, mistakes, probes, tol, reference)]
+        hints = [(m.idea, m.code) for m in diagnose(fn, got, case, mistakes, probes, tol, reference, expected)]
         return ExerciseFailure(f"{name} is not right yet, on {case.name}:\n  {problem}"
                                + "".join(hint_text(*h) for h in hints) + show_small(case), hints)
 
     def check_one(case: Case):
         got = call(fn, case, names, error_hints)
+        expected = None
         try:
             expected = expect(case, got) if expect else reference(*clone(case.args), **clone(case.kwargs))
             problem = compare(got, expected, case)
@@ -468,7 +472,7 @@ def _run_checker(name, fn, worked, cases, reference, compare, mistakes, n_random
                        f"your function returned {type(got).__name__}")
         if problem is not None:
             wrong = ExerciseFailure(f"{name} is not right yet, on {case.name}:\n  {problem}")
-            wrong.pending = (got, case, problem)  # explained once, after hypothesis has shrunk the case
+            wrong.pending = (got, case, problem, expected)  # explained once, after hypothesis has shrunk the case
             raise wrong
 
     try:
