@@ -2,9 +2,13 @@
 
     python -m minikv.gpu.notes results/gpu            # print the tables
     python -m minikv.gpu.notes results/gpu --write    # replace them inside results/gpu/NOTES.md
+    python -m minikv.gpu.notes results/gpu/RUN --write --notes results/gpu/NOTES.md --bench results/gpu/decode_graphs_run1
 
 NOTES.md marks each table's place with ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->``; ``--write``
-replaces what lies between (NAME: e2e_smollm2, e2e_llama8b, targets, bench_small, bench_large).
+replaces what lies between (NAME: e2e_smollm2, e2e_llama8b, targets, checks, bench_small, bench_large) and
+leaves a block alone when its table cannot be made (say which, on stdout). ``--notes``: the NOTES.md to write
+(default: the folder's own, else results/gpu/NOTES.md). ``--bench``: where the attention benchmark's JSON is
+when the run folder has none (issue-13 run 2 skipped the benchmark: run 1's stays valid).
 """
 
 from __future__ import annotations
@@ -52,14 +56,50 @@ def e2e_table(data) -> str:
                          "| | | | | | | | | |")
             continue
         x = r.get("x_vs", {})
-        chk = r.get("check")
-        chk_s = "–" if not chk else (("ok" if chk["passed"] else "**failed**") + f" (rel {chk['logits_rel_err_vs_model']:.1e}, "
-                                      f"{chk['n_mismatches']} token diffs / {chk['steps'] * chk['rows']})")
+        chk_s = check_cell(r.get("check"))
         lines.append(f"| {label} | {r.get('press', '')} | {r.get('ratio', 0)} | {r['ms_per_step']:.3f} | "
                      f"{100 * r['spread']:.1f}% | {r['tokens_per_s']:.0f} | {r['kv_bytes'] / 1e9:.3f} | "
                      f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} | {_f(x.get('static_sdpa'), '.2f')} | "
                      f"{_f(r.get('x_vs_best_static'), '.2f')} | {_f(x.get('dynamic_eager'), '.2f')} | {chk_s} |")
     return head + "\n".join(lines)
+
+
+def check_cell(chk) -> str:
+    """The check column: fp32-referenced errors (run 2 on), or run 1's bf16-vs-bf16 numbers for older JSON."""
+    if not chk:
+        return "–"
+    verdict = "ok" if chk.get("passed") else "**failed**"
+    if chk.get("error"):
+        return f"{verdict} ({str(chk['error'])[:60]})"
+    if "rel_err_graph_vs_fp32" in chk:
+        return (f"{verdict} (vs fp32: bf16 model {chk['rel_err_eager_bf16_vs_fp32']:.1e}, graph "
+                f"{chk['rel_err_graph_vs_fp32']:.1e}; {len(chk.get('decided_token_flips', []))} flips / "
+                f"{chk.get('tokens_decided', 0)} decided tokens)")
+    return (f"{verdict} (rel {chk.get('logits_rel_err_vs_model', float('nan')):.1e}, "
+            f"{chk.get('n_mismatches', '?')} token diffs / {chk.get('steps', 0) * chk.get('rows', 0)})")
+
+
+def checks_table(runs) -> str:
+    """One line per checked decoder: the float32-referenced check (e2e.CHECK_CRITERION) in full."""
+    lines = ["| model | method | press | ratio | rows | steps | bf16 model vs fp32 (a) | graph vs fp32 (b) | b / a | "
+             "decided tokens | flips | graph = its eager step | bf16 model vs graph (run-1 measure) | passed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, data in runs:
+        for r in data.get("rows", []):
+            c = r.get("check")
+            if not c or "rel_err_graph_vs_fp32" not in c:
+                continue
+            a, b = c["rel_err_eager_bf16_vs_fp32"], c["rel_err_graph_vs_fp32"]
+            lines.append(f"| {name} | {LABELS.get(r['method'], r['method'])} | {r.get('press', '')} | {r.get('ratio', 0)} | "
+                         f"{len(c.get('checked_rows', []))} | {c.get('steps', 0)} | {a:.2e} | {b:.2e} | "
+                         f"{_f(b / a if a else None, '.2f')} | {c.get('tokens_decided', 0)} / {c.get('tokens_checked', 0)} | "
+                         f"{len(c.get('decided_token_flips', []))} | {'yes' if c.get('graph_tokens_equal_eager') else '**no**'} | "
+                         f"{c.get('logits_rel_err_vs_model', float('nan')):.1e}, {c.get('n_mismatches', '?')} token diffs | "
+                         f"{'yes' if c.get('passed') else '**no**'} |")
+    if len(lines) == 2:
+        return "(no fp32-referenced checks in these runs)"
+    crit = next((d["meta"].get("check_criterion") for _, d in runs if d["meta"].get("check_criterion")), None)
+    return "\n".join(lines) + (f"\n\nCriterion: {crit}." if crit else "")
 
 
 def targets_table(runs) -> str:
@@ -107,20 +147,37 @@ def bench_large_table(data, min_bytes=1e9) -> str:
     return "\n".join(lines)
 
 
-def tables(folder) -> dict:
+def _bench_json(folders):
+    for folder in folders:
+        if folder and os.path.isdir(folder):
+            name = next((n for n in sorted(os.listdir(folder)) if n.startswith("bench_") and n.endswith(".json")), None)
+            if name:
+                return os.path.join(folder, name)
+    return None
+
+
+def tables(folder, bench_folder=None) -> dict:
     out = {}
     runs = []
     for kind in ("smollm2", "llama8b"):
-        data = _load(folder, f"e2e_{kind}.json")
+        try:
+            data = _load(folder, f"e2e_{kind}.json")
+        except (OSError, ValueError) as e:  # a truncated file from a run cut short: say so, make the rest
+            print(f"minikv.gpu.notes: e2e_{kind}.json unreadable ({e}); its table is left as it was")
+            continue
         if data is not None and "meta" in data and "model_kind" in data["meta"]:
             out[f"e2e_{kind}"] = e2e_table(data)
             runs.append((kind, data))
     if runs:
         out["targets"] = targets_table(runs)
-    bench = next((_load(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("bench_") and n.endswith(".json")), None)
-    if bench is not None:
-        out["bench_small"] = bench_small_table(bench)
-        out["bench_large"] = bench_large_table(bench)
+        out["checks"] = checks_table(runs)
+    path = _bench_json([folder, bench_folder])
+    if path is not None:
+        with open(path) as f:
+            bench = json.load(f)
+        src = "" if os.path.dirname(path) == os.path.normpath(folder) else f"(from `{path}`)\n\n"
+        out["bench_small"] = src + bench_small_table(bench)
+        out["bench_large"] = src + bench_large_table(bench)
     return out
 
 
@@ -132,20 +189,31 @@ def fill(text: str, name: str, table: str) -> str:
     return pat.sub(lambda m: m.group(1) + table + m.group(2), text)
 
 
+def _option(argv, name):
+    return argv[argv.index(name) + 1] if name in argv and argv.index(name) + 1 < len(argv) else None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    folder = next((a for a in argv if not a.startswith("--")), "results/gpu")
-    made = tables(folder)
+    values = {_option(argv, o) for o in ("--notes", "--bench")}
+    folder = next((a for a in argv if not a.startswith("--") and a not in values), "results/gpu")
+    made = tables(folder, _option(argv, "--bench") or "results/gpu/decode_graphs_run1")
     if "--write" in argv:
-        path = os.path.join(folder, "NOTES.md")
+        path = _option(argv, "--notes") or os.path.join(folder, "NOTES.md")
+        if not os.path.exists(path) and "--notes" not in argv:
+            path = os.path.join("results", "gpu", "NOTES.md")
         with open(path) as f:
             text = f.read()
+        done = []
         for name, table in made.items():
-            if f"<!-- table:{name} -->" in text:
+            if f"<!-- table:{name} -->" in text and f"<!-- /table:{name} -->" in text:
                 text = fill(text, name, table)
+                done.append(name)
+            else:
+                print(f"minikv.gpu.notes: {path} has no <!-- table:{name} --> block; not written")
         with open(path, "w") as f:
             f.write(text)
-        print(f"wrote {len(made)} tables into {path}")
+        print(f"wrote {len(done)} tables into {path}: {', '.join(done)}")
     else:
         for name, table in made.items():
             print(f"<!-- table:{name} -->\n{table}\n<!-- /table:{name} -->\n")

@@ -12,7 +12,9 @@ step is a queue of launches, not of bytes. Three kernels here replace them:
 
 Each one rounds where PyTorch (and transformers' modules) round -- e.g. RMSNorm rounds the
 normalised row to bf16 *before* multiplying by the weight -- so the fused step gives the
-same numbers as the modules, up to the order of fp32 sums. Their plain PyTorch definitions
+same numbers as the modules, up to the order of fp32 sums. One exception: ``rope_append`` computes
+x cos + rotate_half(x) sin in fp32 and rounds once, where PyTorch rounds each product and the sum; the
+two agree within bf16 rounding of the operands' magnitudes (not of the result, which can cancel to ~0). Their plain PyTorch definitions
 are in ``minikv.gpu.decoder`` (``torch_add_rmsnorm`` ...), and the tests compare the two.
 """
 
