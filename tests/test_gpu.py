@@ -504,6 +504,28 @@ def test_graph_decoder_matches_eager_and_the_model(mode):
 
 
 @cuda
+def test_fp32_check_on_a_graph_decoder():
+    """e2e's float32 check on CUDA: a graph decoder (Triton ops and kernel) passes, within twice bf16's own error."""
+    pytest.importorskip("triton")
+    from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
+    from minikv.gpu.e2e import check_decoder
+    from minikv.registry import get_press
+
+    model = tiny_llama("cuda", torch.bfloat16, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, vocab_size=1024)
+    ids = torch.randint(0, 1000, (4, 300), generator=torch.Generator().manual_seed(6)).cuda()
+    pre = prefill_to_stores(model, ids, reserve=16, n_queries=16)
+    press = get_press("critical_adakv_snapkv", compression_ratio=0.5, window_size=16)
+    dec = StaticDecoder(StepWeights(model), compressed_stores(pre, press, model, reserve=16, rows_per_select=3), 300,
+                        pre.logits.argmax(-1))
+    dec.capture()
+    assert dec.use_graph and dec.ops == "triton"
+    chk = check_decoder(model, dec, 5, n_rows=2)
+    assert chk["graph_tokens_equal_eager"] and chk["rel_err_eager_bf16_vs_fp32"] > 1e-4, chk
+    assert chk["passed"], chk
+
+
+@cuda
 def test_step_kernels_match_pytorch_on_gpu():
     """The fused kernels round where PyTorch rounds: equal up to a bf16 rounding flip or two (fp32 sum orders)."""
     pytest.importorskip("triton")
