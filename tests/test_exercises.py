@@ -239,7 +239,7 @@ def test_checker_explains_a_crash():
 
 
 # -- how failures are reported -------------------------------------------------------------------------
-# (the learner-style wrong implementations are in tests/test_exercise_mistakes.py)
+# (the learner-style wrong implementations are in tests/test_exercises_mistakes.py)
 
 
 def test_two_different_failures_make_one_exercise_failure_not_an_exception_group():
