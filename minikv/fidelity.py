@@ -131,3 +131,71 @@ def long_dependent_tokens(logp_full: torch.Tensor, logp_short: torch.Tensor, thr
     log-prob by more than ``threshold`` nats (LongPPL's LSD; 2 in the paper). -> (b, C) bool.
     """
     return (logp_full - logp_short) > threshold
+
+
+# --- lesson helpers ---------------------------------------------------------------------------
+# Lessons 03 and 04 prefill a context *and what follows it* once (capture_layers), then judge a
+# press twice: on the window queries it chose its tokens with (in-sample) and on the queries of
+# the later tokens, which it never saw (held out).
+def split_capture(layer, n_context: int, window: int):
+    """Cut one capture of "context + continuation" into what a press sees and what it never sees.
+
+    layer: LayerInputs over T tokens, from ``capture_layers(model, ids, n_queries=window + T - n_context)``.
+    -> (view, future):
+       view    LayerInputs with the keys/values of the first n_context tokens, the queries of their
+               last ``window`` tokens and W_o: exactly what a press sees at the end of the context
+               (causal attention: later tokens change nothing before them);
+       future  (b, H, T - n_context, d): the queries of the tokens after the context, positions n_context ..
+
+    >>> from minikv.scorers.base import LayerInputs
+    >>> li = LayerInputs(torch.zeros(1, 1, 10, 4), torch.zeros(1, 1, 10, 4), torch.zeros(1, 2, 7, 4))
+    >>> view, future = split_capture(li, n_context=6, window=3)
+    >>> view.keys.shape[2], view.queries.shape[2], future.shape[2]
+    (6, 3, 4)
+    """
+    from .scorers.base import LayerInputs
+
+    T = layer.context_length
+    if layer.queries is None:
+        raise ValueError("split_capture needs the layer's queries: capture with n_queries=window + T - n_context")
+    if isinstance(n_context, bool) or not isinstance(n_context, int) or not 1 <= n_context < T:
+        raise ValueError(f"n_context must be an int in [1, {T - 1}] (the capture holds T = {T} tokens), got {n_context!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= n_context:
+        raise ValueError(f"window must be an int in [1, n_context = {n_context}], got {window!r}")
+    m = layer.queries.shape[2]
+    if m != window + T - n_context:
+        raise ValueError(f"the capture holds the queries of the last {m} tokens; split_capture needs window + T - n_context "
+                         f"= {window} + {T} - {n_context} = {window + T - n_context} (capture_layers(..., n_queries=...))")
+    view = LayerInputs(layer.keys[:, :, :n_context], layer.values[:, :, :n_context], layer.queries[:, :, :window], layer.o_proj)
+    return view, layer.queries[:, :, window:]
+
+
+def keep_through(keep: torch.Tensor, length: int) -> torch.Tensor:
+    """A context's keep mask (b, n_kv, L), extended to (b, n_kv, length): what follows the context is kept.
+
+    The continuation (question, answer, later text) is appended to the cache uncompressed.
+
+    >>> keep_through(torch.tensor([[[True, False]]]), 4)
+    tensor([[[ True, False,  True,  True]]])
+    """
+    b, n_kv, L = keep.shape
+    if isinstance(length, bool) or not isinstance(length, int) or length < L:
+        raise ValueError(f"length must be an int >= the mask's {L} context tokens, got {length!r}")
+    return torch.cat([keep, torch.ones(b, n_kv, length - L, dtype=torch.bool, device=keep.device)], dim=-1)
+
+
+def head_outputs(attn: torch.Tensor, values: torch.Tensor, o_proj: torch.Tensor) -> torch.Tensor:
+    """o_h = sum_i a_i u_i, each query head's contribution to the layer output (after W_o): (b, H, m, hidden).
+
+    attn (b, H, m, T) from :func:`causal_attention`, values (b, n_kv, T, d), o_proj (hidden, H * d).
+    Equal to ``attn @ projected_values(values, o_proj)`` (W_o is linear), but mixes the values first,
+    in d dimensions, and applies W_o^h once per query instead of once per token: several times cheaper.
+    Summed over h it is the layer's attention output (o_proj has no bias in Llama-style models).
+    """
+    b, H, m, T = attn.shape
+    n_kv, d = values.shape[1], values.shape[3]
+    if values.shape[2] != T or H % n_kv or o_proj.shape[1] != H * d:
+        raise ValueError(f"attn (b, H, m, T) = {tuple(attn.shape)}, values (b, n_kv, T, d) = {tuple(values.shape)} and "
+                         f"o_proj (hidden, H * d) = {tuple(o_proj.shape)} do not fit together")
+    mixed = attn @ values.float().repeat_interleave(H // n_kv, dim=1)  # (b, H, m, d)
+    return torch.einsum("bhmd,hdo->bhmo", mixed, o_proj.float().T.reshape(H, d, -1))  # (b, H, m, hidden)
