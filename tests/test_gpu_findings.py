@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from minikv.gpu.findings import load_results, results_dir, shape_records
+from minikv.gpu.findings import e2e_row, e2e_target, load_results, results_dir, shape_records
 
 
 def fake_run():
@@ -45,3 +45,47 @@ def test_the_committed_run_is_readable():
     recs = shape_records(data, 0.75)
     assert len(recs) == len({(r["model"], r["L"], r["b"]) for r in data["rows"]})
     assert all(r["ragged_bytes"] < r["full_bytes"] for r in recs)
+
+
+def fake_e2e():
+    row = lambda method, press, ratio, ms, **kw: dict(method=method, press=press, ratio=ratio, ms_per_step=ms, **kw)
+    return dict(meta={}, targets=[dict(what="snapkv r0.75: step <= 2x floor", value=2.5, met=False)], rows=[
+        row("static_sdpa", "no_press", 0.0, 9.0), row("compressed", "snapkv", 0.75, 2.0),
+        row("compressed_eager", "snapkv", 0.75, 20.0), dict(method="compressed", press="adakv", ratio=0.75, error="oom"),
+    ])
+
+
+def test_e2e_row_picks_one_row_and_names_bad_input():
+    assert e2e_row(fake_e2e(), "static_sdpa")["ms_per_step"] == 9.0
+    assert e2e_row(fake_e2e(), "compressed_eager", "snapkv", 0.75)["ms_per_step"] == 20.0
+    with pytest.raises(ValueError, match="method must be one of"):
+        e2e_row(fake_e2e(), "static")
+    with pytest.raises(ValueError, match=r"must name one row.*'snapkv', 0.5"):
+        e2e_row(fake_e2e(), "compressed", "snapkv", 0.5)
+    with pytest.raises(ValueError, match="was not timed: oom"):
+        e2e_row(fake_e2e(), "compressed", "adakv", 0.75)
+    with pytest.raises(ValueError, match="'method' per row"):
+        e2e_row(dict(rows=[dict(press="snapkv", ms_per_step=1.0)]), "compressed")  # the issue-7 e2e format
+    assert e2e_target(fake_e2e(), "snapkv r0.75: step <= 2x floor")["met"] is False
+    with pytest.raises(ValueError, match="what must name one target"):
+        e2e_target(fake_e2e(), "step <= 2x floor")
+
+
+def test_two_launch_time_joins_the_record():
+    data = fake_run()
+    data["rows"][3]["graph_ms_two_launch"] = 0.08
+    (rec,) = shape_records(data, 0.5)
+    assert rec["ragged_graph_two_launch_ms"] == 0.08 and "uniform_graph_two_launch_ms" not in rec
+
+
+def test_the_committed_issue13_runs_are_readable():
+    here = results_dir(Path(__file__).parent)
+    for name in ("e2e_smollm2.json", "e2e_llama8b.json"):
+        data = load_results(f"decode_graphs_run2/{name}", here)
+        for method in ("dynamic_eager", "static_sdpa", "static_triton"):
+            assert e2e_row(data, method)["floor_ms"] > 0
+        snap = e2e_row(data, "compressed", "snapkv", 0.75)
+        assert snap["ms_per_step"] < e2e_row(data, "static_triton")["ms_per_step"]
+        assert e2e_target(data, "snapkv r0.75: step <= 2x floor")["value"] == pytest.approx(snap["x_floor"])
+    recs = shape_records(load_results("decode_graphs_run1/bench_h200.json", here), 0.75)
+    assert all("ragged_graph_two_launch_ms" in r for r in recs)
