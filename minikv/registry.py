@@ -33,7 +33,7 @@ POLICIES = {
     "critical_adakv_": "CriticalAdaKV",
 }
 
-#: the presses of the user's notes and of the evaluation, in the order plots show them
+#: the presses the lessons and the evaluation compare, in the order plots show them
 MAIN_PRESSES = ["no_press", "random", "streaming_llm", "knorm", "snapkv", "adakv_snapkv",
                 "critical_snapkv", "critical_adakv_snapkv"]
 

@@ -1,4 +1,4 @@
-"""Properties of the presses on plain tensors (SPEC.md semantics)."""
+"""Properties of the presses on plain tensors (kvpress 0.5.5 semantics)."""
 
 
 import warnings

@@ -218,10 +218,10 @@ def test_qa_samples(smollm2):
     assert len({q["template"] for q in a.questions}) == len(a.questions) == 4
     for q in a.questions:
         fact = QA_TEMPLATES[q["template"]][0]
-        assert fact.format(name=q["name"], v=q["answer"]) in text  # the asked fact is in the notes
+        assert fact.format(name=q["name"], v=q["answer"]) in text  # the asked fact is in the context
         assert tok.decode(q["prefix_ids"]) + " " + q["answer"] in text  # worded as the answer prefix
         same = [v for v in QA_TEMPLATES[q["template"]][3] if v != q["answer"] and fact.split("{name}")[1].format(v=v) in text]
-        assert same, f"no distractor of template {q['template']} in the notes"
+        assert same, f"no distractor of template {q['template']} in the context"
         assert 0 <= q["depth"] <= 1
 
 

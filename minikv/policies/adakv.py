@@ -10,7 +10,7 @@ so keeping the globally largest scores minimises the layer's bound for the same 
 The safeguard (Sec. 3.3 with GQA): first give every head its own top n_safe = floor(alpha * n_kept)
 tokens, so no head is starved when the scores of different heads are on different scales.
 
-Worked example (the user's notes): 4 KV heads, L = 100, cr = 0.5 -> n_kept = 50, n_safe = 10;
+Worked example (lesson 02): 4 KV heads, L = 100, cr = 0.5 -> n_kept = 50, n_safe = 10;
 uniform keeps 50/50/50/50, AdaKV e.g. 70/40/60/30 -- 200 pairs either way, every head >= 10.
 """
 
