@@ -375,27 +375,18 @@ def paired_summary(records: list[dict], n_boot: int = 4000) -> list[dict]:
     return rows
 
 
+PAIRED_COLUMNS = ["task", "query_aware", "metric", "ratio", "a", "b", "lower_is_better", "n", "mean_a", "mean_b",
+                  "mean_diff", "ci_low", "ci_high", "a_wins", "b_wins", "ties"]
+
+
 def write_paired_csv(rows: list[dict], path: Path) -> None:
-    cols = ["task", "query_aware", "metric", "ratio", "a", "b", "lower_is_better", "n", "mean_a", "mean_b", "mean_diff",
-            "ci_low", "ci_high", "a_wins", "b_wins", "ties"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    _write_rows(rows, path, PAIRED_COLUMNS)
 
 
 def read_paired_csv(path) -> list[dict]:
     """paired.csv -> rows with numbers as numbers (for notebooks)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            for k in ("ratio", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "a_wins", "b_wins", "ties"):
-                r[k] = float(r[k])
-            r["n"] = int(r["n"])
-            r["query_aware"] = r["query_aware"] == "True"
-            r["lower_is_better"] = r["lower_is_better"] == "True"
-            rows.append(r)
-    return rows
+    return _read_rows(path, floats=("ratio", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "a_wins", "b_wins", "ties"),
+                      ints=("n",), bools=("query_aware", "lower_is_better"))
 
 
 def plot_paired(rows: list[dict], path=None, metrics=None, pairs=None):
@@ -440,23 +431,34 @@ def plot_paired(rows: list[dict], path=None, metrics=None, pairs=None):
     return fig
 
 
+SUMMARY_COLUMNS = ["task", "metric", "press", "ratio", "query_aware", "n", "mean", "ci_low", "ci_high", "kept_fraction",
+                   "cache_bytes"]
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
-    cols = ["task", "metric", "press", "ratio", "query_aware", "n", "mean", "ci_low", "ci_high", "kept_fraction", "cache_bytes"]
+    _write_rows(rows, path, SUMMARY_COLUMNS)
+
+
+def read_csv(path) -> list[dict]:
+    """summary.csv -> rows with numbers as numbers (for notebooks)."""
+    return _read_rows(path, floats=("ratio", "mean", "ci_low", "ci_high", "kept_fraction"), ints=("n", "cache_bytes"),
+                      bools=("query_aware",))
+
+
+def _write_rows(rows: list[dict], path: Path, cols: list[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
 
 
-def read_csv(path) -> list[dict]:
-    """summary.csv -> rows with numbers as numbers (for notebooks)."""
+def _read_rows(path, floats=(), ints=(), bools=()) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for r in csv.DictReader(f):
-            for k in ("ratio", "mean", "ci_low", "ci_high", "kept_fraction"):
-                r[k] = float(r[k])
-            r["n"], r["cache_bytes"] = int(r["n"]), int(r["cache_bytes"])
-            r["query_aware"] = r["query_aware"] == "True"
+            r.update({k: float(r[k]) for k in floats})
+            r.update({k: int(r[k]) for k in ints})
+            r.update({k: r[k] == "True" for k in bools})
             rows.append(r)
     return rows
 
