@@ -62,13 +62,7 @@ def output_and_mass(queries, keys, values, o_proj, q_start: int, keep) -> tuple[
     a_kept = causal_attention(queries, keys, q_start, keep)  # (b, H, m, T)
     evicted = (~keep).repeat_interleave(g, dim=1)[:, :, None, :]  # (b, H, 1, T)
     mass = (a_full * evicted).sum(-1)  # (b, H, m)
-    v = values.float().repeat_interleave(g, dim=1)  # (b, H, T, d)
-    w_o = o_proj.float().T.reshape(H, d, -1)  # (H, d, hidden)
-    y = []
-    for a in (a_full, a_kept):
-        o = a @ v  # (b, H, m, d)
-        yh = torch.einsum("bhmd,hdo->bhmo", o, w_o)  # (b, H, m, hidden)
-        y.append(yh.reshape(b, n_kv, g, m, -1).sum(2))  # (b, n_kv, m, hidden)
+    y = [head_outputs(a, values, o_proj).reshape(b, n_kv, g, m, -1).sum(2) for a in (a_full, a_kept)]  # (b, n_kv, m, hidden)
     return y[0], y[1], mass
 
 
@@ -96,7 +90,7 @@ def layer_fidelity(li, context_length: int, window: int, keep) -> dict:
     b, n_kv, T, _ = li.keys.shape
     H = li.queries.shape[1]
     g = H // n_kv
-    keep_all = torch.cat([keep.to(li.keys.device), torch.ones(b, n_kv, T - L, dtype=torch.bool, device=li.keys.device)], -1)
+    keep_all = keep_through(keep.to(li.keys.device), T)  # (b, n_kv, T): the continuation is never evicted
     out = {}
     for name, q, start, t_end in (("future", li.queries[:, :, window:], L, T), ("window", li.queries[:, :, :window], L - window, L)):
         y_full, y_kept, mass = output_and_mass(q, li.keys[:, :, :t_end], li.values[:, :, :t_end], li.o_proj, start,
