@@ -466,8 +466,9 @@ def test_fp32_check_passes_a_correct_decoder_and_fails_a_wrong_one():
 
 
 @cuda
+@pytest.mark.parametrize("ops", ["triton", "fused"])
 @pytest.mark.parametrize("mode", ["compressed", "static_triton", "static_sdpa"])
-def test_graph_decoder_matches_eager_and_the_model(mode):
+def test_graph_decoder_matches_eager_and_the_model(mode, ops):
     """CUDA graphs (re-captured after each re-layout) = the same step run eagerly = the model's own forward."""
     pytest.importorskip("triton")
     from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
@@ -487,9 +488,9 @@ def test_graph_decoder_matches_eager_and_the_model(mode):
     first = pre.logits.argmax(-1)
     toks, ref = model_decode(model, ref_stores, 300, first, 10)
     w = StepWeights(model)
-    graph = StaticDecoder(w, stores()[1], 300, first, attention=attention)
-    eager = StaticDecoder(w, stores()[1], 300, first, attention=attention, graph=False)
-    assert graph.use_graph and graph.ops == "triton"
+    graph = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops)
+    eager = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, graph=False)
+    assert graph.use_graph and graph.ops == ops
     for t in range(10):
         for dec in (graph, eager):
             dec.set_ids(first if t == 0 else toks[t - 1])
@@ -519,7 +520,7 @@ def test_fp32_check_on_a_graph_decoder():
     dec = StaticDecoder(StepWeights(model), compressed_stores(pre, press, model, reserve=16, rows_per_select=3), 300,
                         pre.logits.argmax(-1))
     dec.capture()
-    assert dec.use_graph and dec.ops == "triton"
+    assert dec.use_graph and dec.ops == "fused", "ops='auto' picks the fused kernels for a small model"
     chk = check_decoder(model, dec, 5, n_rows=2)
     assert chk["graph_tokens_equal_eager"] and chk["rel_err_eager_bf16_vs_fp32"] > 1e-4, chk
     assert chk["passed"], chk
@@ -565,6 +566,61 @@ def test_step_kernels_match_pytorch_on_gpu():
     old_rows = torch.ones(sa.k_flat.shape[0], dtype=torch.bool, device="cuda")
     old_rows[sa.starts + sa._lengths - 1] = False
     assert torch.equal(sa.k_flat[old_rows], sb.k_flat[old_rows]), "rope_append wrote outside the new slots"
+
+
+@cuda
+@pytest.mark.parametrize("M,K,H,n_kv,d,bias", [(64, 576, 9, 3, 64, False), (8, 512, 8, 2, 128, True),
+                                                (5, 320, 4, 2, 96, False), (130, 256, 4, 1, 64, True)])
+def test_fused_kernels_match_pytorch_on_gpu(M, K, H, n_kv, d, bias):
+    """ops="fused": norm + q/k/v + RoPE + append, and norm + gate/up + SiLU * up, as PyTorch's ops one by one."""
+    pytest.importorskip("triton")
+    import torch.nn.functional as F
+
+    from minikv.gpu import decoder as dm
+    from minikv.gpu import triton_fused as tf
+
+    gen = torch.Generator().manual_seed(M + d)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, r = torch.randn(M, K, generator=gen).to(**bf), torch.randn(M, K, generator=gen).to(**bf)
+    ln = (0.5 + torch.rand(K, generator=gen)).to(**bf)
+    W = (torch.randn((H + 2 * n_kv) * d, K, generator=gen) / K ** 0.5).to(**bf)
+    b = torch.randn((H + 2 * n_kv) * d, generator=gen).to(**bf) if bias else None
+    pos = torch.randint(0, 200, (M,), generator=gen).cuda()
+    cos, sin = torch.randn(200, d, generator=gen).to(**bf), torch.randn(200, d, generator=gen).to(**bf)
+    keys = torch.randn(M, n_kv, 40, d, generator=gen).to(**bf)
+    keep = ragged_keep(M, n_kv, 40, gen, "cuda")
+    sa, sb = (FlatStore.from_selection(keys, keys, keep, reserve=2) for _ in range(2))
+    q1, s1 = tf.norm_qkv_rope(x, r, ln, 1e-5, W, b, pos, cos, sin, sa.k_flat, sa.v_flat, sa.starts, sa._lengths,
+                              H, n_kv, d)
+    h, s2 = dm.torch_add_rmsnorm(x, r, ln, 1e-5)
+    qkv = F.linear(h, W, b)
+    q2 = dm.torch_rope_append(qkv, pos, cos, sin, sb.k_flat, sb.v_flat, sb.starts, sb._lengths, H, n_kv, d)
+    assert torch.equal(s1, s2), "the residual sum is one bf16 add"
+    assert torch.equal(sa._lengths + 1, sb._lengths), "norm_qkv_rope must leave the lengths to norm_gate_up"
+    slots = sb.starts + sb._lengths - 1  # where both wrote the new token
+    # the matmuls sum in different orders (a bf16 flip of q/k/v at most), then RoPE rounds: within 8 u of the operands
+    for x_in, got, ref in ((qkv[:, :H * d].reshape(M, H, d), q1, q2),
+                           (qkv[:, H * d:(H + n_kv) * d].reshape(M, n_kv, d), sa.k_flat[slots].reshape(M, n_kv, d),
+                            sb.k_flat[slots].reshape(M, n_kv, d))):
+        _, scale = rope_float32(x_in, cos[pos][:, None], sin[pos][:, None])
+        bad = (got.float() - ref.float()).abs() > 8 * 2 ** -8 * scale + 1e-6
+        assert not bad.any(), f"{int(bad.sum())} RoPE outputs off by more than bf16 rounding"
+    v_ref = qkv[:, (H + n_kv) * d:].reshape(M, n_kv, d).float()
+    assert ((sa.v_flat[slots].reshape(M, n_kv, d).float() - v_ref).abs() <= 2 ** -7 * v_ref.abs() + 1e-6).all()
+    old_rows = torch.ones(sa.k_flat.shape[0], dtype=torch.bool, device="cuda")
+    old_rows[slots] = False
+    assert torch.equal(sa.k_flat[old_rows], sb.k_flat[old_rows]) and torch.equal(sa.v_flat[old_rows], sb.v_flat[old_rows])
+    I = 3 * K // 2 + 7  # not a multiple of the column block
+    Wgu = (torch.randn(2 * I, K, generator=gen) / K ** 0.5).to(**bf)
+    bgu = torch.randn(2 * I, generator=gen).to(**bf) if bias else None
+    bump = sa._lengths.clone()
+    a1, t1 = tf.norm_gate_up(x, r, ln, 1e-5, Wgu, bgu, bump=bump)
+    a2 = dm.torch_silu_mul(F.linear(h, Wgu, bgu))
+    assert torch.equal(t1, s2) and torch.equal(bump, sb._lengths)
+    gu = F.linear(h, Wgu, bgu).float()  # gate or up may differ by a bf16 flip (sum order), then silu and * round
+    g, u = gu[:, :I], gu[:, I:]
+    scale = u.abs() * (F.silu(g).abs() + 1.1 * g.abs())  # |silu'| <= 1.1: how far a flip of g or u moves the product
+    assert ((a1.float() - a2.float()).abs() <= 8 * 2 ** -8 * scale + 1e-6).all()
 
 
 def rope_float32(x, cos, sin):
@@ -642,6 +698,33 @@ for H, nkv, d in [(4, 2, 16), (6, 2, 80), (3, 1, 96)]:
     q2 = dm.torch_rope_append(qkv, pos, cos, sin, sb.k_flat, sb.v_flat, sb.starts, sb._lengths, H, nkv, d)
     assert torch.allclose(q1, q2, atol=1e-6) and torch.allclose(sa.k_flat, sb.k_flat, atol=1e-6)
     assert torch.equal(sa.v_flat, sb.v_flat) and torch.equal(sa._lengths, sb._lengths)
+# the fused kernels (ops="fused") = norm, matmul, RoPE + append, SiLU * up done one by one in PyTorch
+from minikv.gpu import triton_fused as tf
+import torch.nn.functional as F
+for M, K, H, nkv, d, bias, res, dt in [(3, 80, 4, 2, 16, True, True, torch.float32), (5, 96, 6, 2, 24, False, True, torch.float32),
+                                       (2, 64, 3, 1, 80, False, False, torch.float32), (4, 64, 4, 2, 32, False, True, torch.float16)]:
+    x, r = torch.randn(M, K, generator=g).to(dt), torch.randn(M, K, generator=g).to(dt) if res else None
+    ln = (torch.rand(K, generator=g) + 0.5).to(dt)
+    W = (torch.randn((H + 2 * nkv) * d, K, generator=g) / K ** 0.5).to(dt)
+    b = torch.randn((H + 2 * nkv) * d, generator=g).to(dt) if bias else None
+    pos, cos, sin = torch.randint(0, 20, (M,), generator=g), torch.randn(20, d, generator=g).to(dt), torch.randn(20, d, generator=g).to(dt)
+    keys = torch.randn(M, nkv, 7, d, generator=g).to(dt)
+    keep = torch.rand(M, nkv, 7, generator=g) < 0.6
+    sa, sb = (FlatStore.from_selection(keys, keys, keep, reserve=3) for _ in range(2))
+    q1, s1 = tf.norm_qkv_rope(x, r, ln, 1e-5, W, b, pos, cos, sin, sa.k_flat, sa.v_flat, sa.starts, sa._lengths, H, nkv, d)
+    h, s2 = dm.torch_add_rmsnorm(x, r, ln, 1e-5)
+    q2 = dm.torch_rope_append(F.linear(h, W, b), pos, cos, sin, sb.k_flat, sb.v_flat, sb.starts, sb._lengths, H, nkv, d)
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    assert torch.equal(s1, s2) and torch.allclose(q1.float(), q2.float(), atol=tol), float((q1.float() - q2.float()).abs().max())
+    assert torch.allclose(sa.k_flat.float(), sb.k_flat.float(), atol=tol) and torch.allclose(sa.v_flat.float(), sb.v_flat.float(), atol=tol)
+    assert torch.equal(sa._lengths + 1, sb._lengths), "norm_qkv_rope must not move the lengths on"
+    Wgu = (torch.randn(100, K, generator=g) / K ** 0.5).to(dt)
+    bgu = torch.randn(100, generator=g).to(dt) if bias else None
+    bump = sa._lengths.clone()
+    a1, t1 = tf.norm_gate_up(x, r, ln, 1e-5, Wgu, bgu, bump=bump)
+    h, t2 = dm.torch_add_rmsnorm(x, r, ln, 1e-5)
+    a2 = dm.torch_silu_mul(F.linear(h, Wgu, bgu))
+    assert torch.equal(t1, t2) and torch.allclose(a1.float(), a2.float(), atol=tol) and torch.equal(bump, sb._lengths)
 # a whole step: Triton ops + Triton attention = PyTorch ops + PyTorch attention (head dim 24, re-layouts)
 from minikv.gpu.e2e import TINY, random_llama
 from minikv.hf import attach
@@ -653,13 +736,19 @@ pre = dm.prefill_to_stores(model, torch.randint(0, 500, (2, 50), generator=g), r
 press = get_press("adakv_snapkv", compression_ratio=0.5, window_size=8)
 usable = dm._triton_usable
 logits = {}
-for mode in ("torch", "triton"):
-    dm._triton_usable = (lambda t: True) if mode == "triton" else usable  # CPU tensors, interpreted kernels
+for mode in ("torch", "triton", "fused"):
+    dm._triton_usable = (lambda t: True) if mode != "torch" else usable  # CPU tensors, interpreted kernels
     dec = dm.StaticDecoder(weights, dm.compressed_stores(pre, press, model, reserve=3), 50, pre.logits.argmax(-1),
-                           attention=mode, ops=mode, graph=False)
+                           attention="torch" if mode == "torch" else "triton", ops=mode, graph=False)
     logits[mode] = [dec.step().clone() for _ in range(5)]
-for a, c in zip(logits["torch"], logits["triton"]):
-    assert torch.allclose(a, c, atol=1e-5), float((a - c).abs().max())
+    assert dec.captures == 0 and all(int(s._lengths.min()) > 0 for s in dec.stores)
+    lengths = [s._lengths.clone() for s in dec.stores]
+    if mode == "torch":
+        lengths0 = lengths
+    assert all(torch.equal(a, c) for a, c in zip(lengths0, lengths)), f"{mode}: lengths differ after 5 steps"
+for mode in ("triton", "fused"):
+    for a, c in zip(logits["torch"], logits[mode]):
+        assert torch.allclose(a, c, atol=1e-5), (mode, float((a - c).abs().max()))
 print("interpreter ok", worst)
 '''
 

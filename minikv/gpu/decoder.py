@@ -30,7 +30,18 @@ SDPA over a *uniform* store seen as a dense (b, n_kv, capacity, d) tensor with a
 preallocated full-cache baseline), ``"torch"`` (the same for any store, gathering each segment's
 capacity: slow, for CPUs and head dims the kernel does not take). ``"auto"``: triton where it runs.
 The small ops (norm, RoPE + append, SiLU * up) are fused Triton kernels on CUDA (``ops="triton"``),
-plain PyTorch elsewhere (``ops="torch"``; defined below, the tests compare the two).
+plain PyTorch elsewhere (``ops="torch"``; defined below, the tests compare the two). ``ops="fused"``
+goes further for small models (``minikv.gpu.triton_fused``): the norm is folded into the q/k/v matmul,
+which also applies RoPE and appends k, v; and into the gate/up matmul, which also applies SiLU * up --
+5 launches per layer instead of 9:
+
+    q, x  = norm_qkv_rope(x, mlp_prev, ...)          # k, v written at each segment's end (not counted yet)
+    a     = attention(q, store, pending=1)           # counts the written token
+    act, x = norm_gate_up(x, a @ W_o^T, ..., bump=lengths)   # lengths += 1
+    mlp_prev = act @ W_down^T
+
+``ops="auto"``: "fused" on CUDA when the hidden size is at most ``FUSED_MAX_HIDDEN`` (the matmuls are
+small enough that launches set their time), "triton" above it (cuBLAS for the big matmuls).
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import torch.nn.functional as F
 from .store import FlatStore, _triton_usable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+FUSED_MAX_HIDDEN = 2048  # ops="auto" picks "fused" up to this hidden size (measured: results/gpu/NOTES.md)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +183,7 @@ class StepWeights:
         self.tied = self.lm_head.data_ptr() == self.embed.data_ptr()
         self.rotary = base.rotary_emb
         self.vocab = self.lm_head.shape[0]
+        self.hidden = self.embed.shape[1]
 
     def bytes_read(self, b: int) -> int:
         """Bytes of weights one step reads: every matrix and norm once, and b rows of the embedding."""
@@ -205,8 +218,8 @@ class StaticDecoder:
                  attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024):
         if attention not in ("auto", "triton", "sdpa", "torch"):
             raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'torch', got {attention!r}")
-        if ops not in ("auto", "triton", "torch"):
-            raise ValueError(f"ops must be 'auto', 'triton' or 'torch', got {ops!r}")
+        if ops not in ("auto", "triton", "fused", "torch"):
+            raise ValueError(f"ops must be 'auto', 'triton', 'fused' or 'torch', got {ops!r}")
         if len(stores) != len(weights.layers):
             raise ValueError(f"need one store per layer: {len(weights.layers)} layers, got {len(stores)} stores")
         for i, (s, lw) in enumerate(zip(stores, weights.layers)):
@@ -231,6 +244,10 @@ class StaticDecoder:
                              "(FlatStore.uniform / empty_uniform)")
         if ops == "auto":
             ops = "triton" if dev.type == "cuda" and _triton_importable() else "torch"
+            if ops == "triton" and weights.hidden <= FUSED_MAX_HIDDEN:
+                ops = "fused"
+        if ops in ("triton", "fused") and not _triton_importable():
+            raise ValueError(f"ops={ops!r} needs Triton; use ops='torch'")
         self.attention, self.ops = attention, ops
         self.use_graph = (dev.type == "cuda") if graph is None else graph
         if self.use_graph and dev.type != "cuda":
@@ -282,7 +299,7 @@ class StaticDecoder:
 
     # -- one step -------------------------------------------------------------------------------------
     def _norm(self, x, res, weight, eps):
-        if self.ops == "triton":
+        if self.ops in ("triton", "fused"):
             from .triton_step import add_rmsnorm
 
             return add_rmsnorm(x, res, weight, eps)
@@ -304,15 +321,18 @@ class StaticDecoder:
             return silu_mul(gu)
         return torch_silu_mul(gu)
 
-    def _attend(self, q, store, lw, i):
-        """q (b, H, d) over the store (the new token already appended) -> (b, H d)."""
+    def _attend(self, q, store, lw, i, pending: int = 0):
+        """q (b, H, d) over the store (the new token already appended) -> (b, H d).
+
+        pending=1: the new token is written but ``lengths`` does not count it yet (``ops="fused"``).
+        """
         b, H, d = q.shape
         if self.attention == "triton":
             from .triton_decode import flat_decode_attention
 
             n_cap, max_cap = self.plans[i]
             out = flat_decode_attention(q.view(b, H, 1, d), store.k_flat, store.v_flat, store.starts, store._lengths,
-                                        lw.scaling, n_cap, max_cap)
+                                        lw.scaling, n_cap, max_cap, pending=pending)
             return out.view(b, H * d)
         slots, rows = self.extra[i]
         if self.attention == "sdpa":
@@ -320,7 +340,7 @@ class StaticDecoder:
         else:
             keys = store.k_flat[rows].view(b, lw.n_kv, -1, d)  # (b, n_kv, C, d), C = longest capacity
             values = store.v_flat[rows].view(b, lw.n_kv, -1, d)
-        valid = (slots[None, :] < store._lengths[:, None]).view(b, lw.n_kv, 1, -1)  # (b, n_kv, 1, C)
+        valid = (slots[None, :] < (store._lengths + pending)[:, None]).view(b, lw.n_kv, 1, -1)  # (b, n_kv, 1, C)
         qg = q.view(b, lw.n_kv, H // lw.n_kv, d)  # a group's g heads as g query rows of one KV head
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=lw.scaling)
         return out.reshape(b, H * d)
@@ -330,7 +350,17 @@ class StaticDecoder:
         w = self.w
         x = F.embedding(self.ids, w.embed)  # (b, hidden)
         mlp_prev = None
+        if self.ops == "fused":
+            from .triton_fused import norm_gate_up, norm_qkv_rope
         for i, (lw, store) in enumerate(zip(w.layers, self.stores)):
+            if self.ops == "fused":  # 5 launches: see minikv.gpu.triton_fused
+                q, x = norm_qkv_rope(x, mlp_prev, lw.ln1, lw.eps1, lw.w_qkv, lw.b_qkv, self.pos, self.cos, self.sin,
+                                     store.k_flat, store.v_flat, store.starts, store._lengths, lw.H, lw.n_kv, lw.d)
+                a = self._attend(q, store, lw, i, pending=1)
+                act, x = norm_gate_up(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu,
+                                      bump=store._lengths)
+                mlp_prev = F.linear(act, lw.w_down, lw.b_down)
+                continue
             h, x = self._norm(x, mlp_prev, lw.ln1, lw.eps1)  # x: the residual stream
             qkv = F.linear(h, lw.w_qkv, lw.b_qkv)  # (b, (H + 2 n_kv) d)
             q = self._rope_append(qkv, store, lw)  # (b, H, d)

@@ -86,11 +86,11 @@ def _split_kernel(
     Q, K, V, Starts, Lengths, Out, OutPart, LsePart, Counter,
     scale_log2, chunk, num_splits,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, PENDING: tl.constexpr,
 ):
     seg = tl.program_id(0)  # which (row, KV head) segment
     split = tl.program_id(1)  # which chunk of it
-    length = tl.load(Lengths + seg)
+    length = tl.load(Lengths + seg) + PENDING  # PENDING = 1: a token written at the end, not yet counted
     lo = split * chunk
     g = tl.arange(0, G_PAD)  # query heads of this group (padded: tl.dot wants >= 16 rows)
     dims = tl.arange(0, D_PAD)  # head dims (padded to a power of two)
@@ -152,10 +152,11 @@ def _split_kernel(
 
 @triton.jit(do_not_specialize=["chunk", "num_splits"])
 def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
-                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+                  PENDING: tl.constexpr):
     """The unfused merge (``fused=False``): one program per segment; one-chunk segments are already done."""
     seg = tl.program_id(0)
-    length = tl.load(Lengths + seg)
+    length = tl.load(Lengths + seg) + PENDING
     n_used = (length + chunk - 1) // chunk
     if n_used > 1:
         _merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits, G, D, D_PAD, SPLIT_BLOCK)
@@ -216,12 +217,14 @@ def _sm_count(device_index: int) -> int:
 
 def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float, n_total: int, max_len: int,
                           block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                          programs: int | None = None, fused: bool | None = None) -> torch.Tensor:
+                          programs: int | None = None, fused: bool | None = None, pending: int = 0) -> torch.Tensor:
     """One decode step: query (b, H, 1, d) over the segments -> (b, H, 1, d).
 
     starts, lengths (S,) long with S = b * n_kv. ``n_total`` and ``max_len`` are host ints that size
     the grid: the tokens held and the longest segment -- or any upper bounds (a CUDA graph passes the
     capacity, so that the launch stays the same while the lengths grow on the device).
+    ``pending=1``: each segment holds one more token than ``lengths`` says (written at its end by
+    ``minikv.gpu.triton_fused.norm_qkv_rope``, counted later in the same step).
     """
     b, H, q_len, d = query.shape
     if q_len != 1:
@@ -255,9 +258,9 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
         q, k_flat, v_flat, starts, lengths, out, out_part, lse_part, counter,
         scaling * LOG2E, chunk, num_splits,
         G=G, G_PAD=G_PAD, D=d, D_PAD=D_PAD, BLOCK_N=block_n, SPLIT_BLOCK=SPLIT_BLOCK, IEEE=ieee,
-        FUSED_MERGE=fused, num_warps=num_warps, num_stages=num_stages,
+        FUSED_MERGE=fused, PENDING=pending, num_warps=num_warps, num_stages=num_stages,
     )
     if not fused and num_splits > 1:
         _merge_kernel[(S,)](out_part, lse_part, lengths, out, chunk, num_splits,
-                            G=G, D=d, D_PAD=D_PAD, SPLIT_BLOCK=SPLIT_BLOCK, num_warps=4)
+                            G=G, D=d, D_PAD=D_PAD, SPLIT_BLOCK=SPLIT_BLOCK, PENDING=pending, num_warps=4)
     return out
