@@ -273,7 +273,8 @@ def test_fused_merge_resets_its_counters():
     first = f(True)
     for _ in range(3):
         assert torch.equal(f(True), first)
-    assert not merge_counters(query.device, store.starts.numel()).any(), "the last chunk must reset its segment's counter"
+    assert not merge_counters(query.device, store.starts.numel(), store.starts.data_ptr()).any(), \
+        "the last chunk must reset its segment's counter"
     assert rel_err(first, f(False)) < 1e-6
     assert rel_err(first, ragged_attention(query, ks, vs, d ** -0.5)) < TOL[torch.bfloat16]
 
@@ -351,10 +352,12 @@ def model_decode(model, stores, L, first, n_steps):
     return toks, logits
 
 
-@pytest.mark.parametrize("press_name,attention", [("no_press", "sdpa"), ("no_press", "torch"),
-                                                  ("adakv_snapkv", "torch"), ("snapkv", "torch")])
-def test_static_decoder_matches_the_models_forward(press_name, attention):
-    """minikv's step (PyTorch ops) = the model's forward, step by step, across re-layouts (reserve 2, 7 steps)."""
+@pytest.mark.parametrize("press_name,attention,streams", [("no_press", "sdpa", 1), ("no_press", "sdpa", 2),
+                                                          ("no_press", "torch", 1), ("adakv_snapkv", "torch", 1),
+                                                          ("adakv_snapkv", "torch", 2), ("snapkv", "torch", 1)])
+def test_static_decoder_matches_the_models_forward(press_name, attention, streams):
+    """minikv's step (PyTorch ops) = the model's forward, step by step, across re-layouts (reserve 2, 7 steps),
+    whole batch or one row group per stream (on the CPU the groups run one after the other)."""
     from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
     from minikv.registry import get_press
 
@@ -371,7 +374,8 @@ def test_static_decoder_matches_the_models_forward(press_name, attention):
     first = pre.logits.argmax(-1)
     toks, ref = model_decode(model, ref_stores, 40, first, 7)
     _, dec_stores = stores()
-    dec = StaticDecoder(StepWeights(model), dec_stores, 40, first, attention=attention)
+    dec = StaticDecoder(StepWeights(model), dec_stores, 40, first, attention=attention, streams=streams)
+    assert [r1 - r0 for r0, r1 in dec.row_groups] == ([2] if streams == 1 else [1, 1])
     buffer = dec_stores[0].k_flat
     for t in range(7):
         dec.set_ids(first if t == 0 else toks[t - 1])
@@ -395,6 +399,9 @@ def test_static_decoder_refuses_what_it_cannot_run():
         StaticDecoder(w, pre.stores[:1], 20, first)
     with pytest.raises(ValueError, match="first_ids"):
         StaticDecoder(w, pre.stores, 20, first[:1])
+    for bad in (0, 3, "two", True, 1.5):  # 3 > the batch of 2
+        with pytest.raises(ValueError, match="streams must be 'auto' or an int from 1 to the batch size 2"):
+            StaticDecoder(w, pre.stores, 20, first, streams=bad)
     ragged = [FlatStore.from_selection(*s.dense_view(), ragged_keep(2, s.n_kv, s.dense_view()[0].shape[2], torch.Generator()))
               for s in pre.stores]
     with pytest.raises(ValueError, match="uniform"):
@@ -466,9 +473,9 @@ def test_fp32_check_passes_a_correct_decoder_and_fails_a_wrong_one():
 
 
 @cuda
-@pytest.mark.parametrize("ops", ["triton", "fused"])
+@pytest.mark.parametrize("ops,streams", [("triton", 1), ("triton", 2), ("fused", 1), ("fused", 3)])
 @pytest.mark.parametrize("mode", ["compressed", "static_triton", "static_sdpa"])
-def test_graph_decoder_matches_eager_and_the_model(mode, ops):
+def test_graph_decoder_matches_eager_and_the_model(mode, ops, streams):
     """CUDA graphs (re-captured after each re-layout) = the same step run eagerly = the model's own forward."""
     pytest.importorskip("triton")
     from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
@@ -488,9 +495,9 @@ def test_graph_decoder_matches_eager_and_the_model(mode, ops):
     first = pre.logits.argmax(-1)
     toks, ref = model_decode(model, ref_stores, 300, first, 10)
     w = StepWeights(model)
-    graph = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops)
+    graph = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, streams=streams)
     eager = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, graph=False)
-    assert graph.use_graph and graph.ops == ops
+    assert graph.use_graph and graph.ops == ops and len(graph.cuda_streams) == (streams if streams > 1 else 0)
     for t in range(10):
         for dec in (graph, eager):
             dec.set_ids(first if t == 0 else toks[t - 1])
@@ -520,7 +527,7 @@ def test_fp32_check_on_a_graph_decoder():
     dec = StaticDecoder(StepWeights(model), compressed_stores(pre, press, model, reserve=16, rows_per_select=3), 300,
                         pre.logits.argmax(-1))
     dec.capture()
-    assert dec.use_graph and dec.ops == "fused", "ops='auto' picks the fused kernels for a small model"
+    assert dec.use_graph and dec.ops == "triton", "ops='auto' picks cuBLAS + the small Triton kernels"
     chk = check_decoder(model, dec, 5, n_rows=2)
     assert chk["graph_tokens_equal_eager"] and chk["rel_err_eager_bf16_vs_fp32"] > 1e-4, chk
     assert chk["passed"], chk
@@ -679,7 +686,7 @@ for d, G, dt, fused, block_n in [(16, 2, torch.float32, True, None), (80, 4, tor
     err = float((out.float() - ref).norm() / ref.norm())
     assert err < (1e-5 if dt == torch.float32 else 3e-3), (d, G, dt, fused, err)
     worst[(d, str(dt), fused)] = err
-assert not merge_counters(torch.device("cpu"), 6).any()
+assert not merge_counters(torch.device("cpu"), 6, st.starts.data_ptr()).any()
 empty = FlatStore.from_selection(k, v, torch.zeros(b, n_kv, L, dtype=torch.bool), reserve=1)
 out = flat_decode_attention(q, empty.k_flat, empty.v_flat, empty.starts, empty._lengths, 0.5, 6, 1)
 assert not out.any(), "an empty segment's output is defined as 0"

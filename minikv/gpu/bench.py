@@ -303,13 +303,17 @@ def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
         out = store.attend(query, d ** -0.5)
         err = rel_err(out, ref)
         f_rag = lambda: store.attend(query, d ** -0.5)
-        # the same kernel with its merge as a second launch (before issue 13): what the fused merge saves
+        # the kernel with its merge as a second launch and with the merge fused in, both named explicitly (the
+        # default changed between runs: fused in issue-13 run 1, two launches after the run-3 sweep)
         f_two = lambda: flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths, d ** -0.5,
                                               store.n_total, store.max_len, fused=False)
+        f_fused = lambda: flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths,
+                                                d ** -0.5, store.n_total, store.max_len, fused=True)
         add("ragged", ratio, timed(f_rag, rep_ms), 2 * store.n_total * d * elt, store.nbytes, graph_fn=f_rag,
             capacity_bytes=store.capacity_nbytes, rel_err_vs_padded=err, spread=spread, n_kept=k,
             ms_again=timed(f_rag, rep_ms),  # the same thing timed twice: the noise floor
-            rel_err_two_launch=rel_err(f_two(), ref), graph_ms_two_launch=timed_graph(f_two, rep_ms))
+            rel_err_two_launch=rel_err(f_two(), ref), graph_ms_two_launch=timed_graph(f_two, rep_ms),
+            graph_ms_fused_merge=timed_graph(f_fused, rep_ms))
         n_uniform = store.n_total // (b * n_kv)  # same bytes, every head the same length: SnapKV's cache
         del store
         uk, uv = keys[:, :, :n_uniform].contiguous(), values[:, :, :n_uniform].contiguous()

@@ -46,6 +46,7 @@ small enough that launches set their time), "triton" above it (cuBLAS for the bi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,8 @@ import torch.nn.functional as F
 from .store import FlatStore, _triton_usable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-FUSED_MAX_HIDDEN = 2048  # ops="auto" picks "fused" up to this hidden size (measured: results/gpu/NOTES.md)
+FUSED_MAX_HIDDEN = 0  # ops="auto" picks "fused" up to this hidden size: never -- slower on the H200 (results/gpu/NOTES.md)
+STREAMS_AUTO = 2  # streams="auto": this many row groups when the KV cache is over this many times the weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +207,22 @@ class StepWeights:
 # --------------------------------------------------------------------------------------------
 # the decoder
 # --------------------------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    """One layer's store as a group of batch rows sees it (views: the same memory as the store's)."""
+
+    k_flat: torch.Tensor
+    v_flat: torch.Tensor
+    starts: torch.Tensor  # (S_g,) the group's segments
+    lengths: torch.Tensor  # (S_g,) a view of the store's lengths: moving these moves the store's
+    b: int
+    n_kv: int
+    plan: tuple  # (slots in all, longest capacity) of the group: the attention kernel's grid
+    slots: torch.Tensor  # (C,) 0 .. longest capacity - 1 (the masks of the PyTorch paths)
+    rows: torch.Tensor | None  # (S_g, C) buffer rows, attention="torch"
+    dense: tuple | None  # (keys, values) (b_g, n_kv, C, d) views, attention="sdpa"
+
+
 class StaticDecoder:
     """Greedy decoding of a Llama-style model over one FlatStore per layer; one CUDA graph replay per token.
 
@@ -215,7 +233,8 @@ class StaticDecoder:
     """
 
     def __init__(self, weights: StepWeights, stores: list, position: int, first_ids: torch.Tensor,
-                 attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024):
+                 attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024,
+                 streams: int | str = "auto"):
         if attention not in ("auto", "triton", "sdpa", "torch"):
             raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'torch', got {attention!r}")
         if ops not in ("auto", "triton", "fused", "torch"):
@@ -248,10 +267,22 @@ class StaticDecoder:
                 ops = "fused"
         if ops in ("triton", "fused") and not _triton_importable():
             raise ValueError(f"ops={ops!r} needs Triton; use ops='torch'")
+        if ops in ("triton", "fused") and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"ops={ops!r} runs Triton kernels: it needs CUDA weights and stores (or TRITON_INTERPRET=1); "
+                             "use ops='torch' on the CPU")
         self.attention, self.ops = attention, ops
         self.use_graph = (dev.type == "cuda") if graph is None else graph
         if self.use_graph and dev.type != "cuda":
             raise ValueError("CUDA graphs need CUDA tensors; pass graph=False on the CPU")
+        if streams == "auto":
+            kv = sum(st.nbytes for st in stores)
+            streams = STREAMS_AUTO if dev.type == "cuda" and weights.bytes_read(self.b) * STREAMS_AUTO < kv else 1
+        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= self.b:
+            raise ValueError(f"streams must be 'auto' or an int from 1 to the batch size {self.b}, got {streams!r}")
+        self.n_streams = streams
+        bounds = [int(t[0]) for t in torch.arange(self.b).tensor_split(streams)] + [self.b]
+        self.row_groups = list(zip(bounds[:-1], bounds[1:]))  # rows each stream decodes, e.g. [(0, 32), (32, 64)]
+        self.cuda_streams = [torch.cuda.Stream(device=dev) for _ in self.row_groups] if dev.type == "cuda" and streams > 1 else []
         self.ids = first_ids.to(dev, torch.long).clone()  # (b,) static input: the token each row feeds next
         self.position0 = position
         self.pos = torch.full((self.b,), position, dtype=torch.long, device=dev)  # (b,) RoPE position, static
@@ -268,17 +299,30 @@ class StaticDecoder:
         self.graph = None
 
     def _prepare(self):
-        """Plans that depend on the stores' buffers: redone after every re-layout (and the graph with them)."""
-        self.plans = [s.capacity_bounds() for s in self.stores]  # grid sizes: fixed until the room runs out
-        self.extra = []
-        for s in self.stores:
-            cap = s.capacity_bounds()[1]
-            slots = torch.arange(cap, device=s.k_flat.device)  # (C,)
-            if self.attention == "torch":  # buffer rows of each segment's capacity, clamped inside the buffer
-                rows = (s.starts[:, None] + slots).clamp_(max=s.k_flat.shape[0] - 1)  # (S, C)
-                self.extra.append((slots, rows))
-            else:
-                self.extra.append((slots, None))
+        """Plans that depend on the stores' buffers: redone after every re-layout (and the graph with them).
+
+        One ``_Rows`` per (row group, layer): views of the store's starts and lengths for those rows (the
+        same memory: appends through a view move the store's lengths) and the attention kernel's grid,
+        sized by the group's capacity -- fixed until the room runs out.
+        """
+        self.parts = []
+        for r0, r1 in self.row_groups:
+            layers = []
+            for s in self.stores:
+                s0, s1 = r0 * s.n_kv, r1 * s.n_kv
+                cap = s.capacity[s0:s1]
+                n_cap, max_cap = int(cap.sum()), int(cap.max())  # host sync: once per re-layout, not per step
+                slots = torch.arange(max_cap, device=s.k_flat.device)  # (C,)
+                rows = None
+                if self.attention == "torch":  # buffer rows of each segment's capacity, clamped inside the buffer
+                    rows = (s.starts[s0:s1, None] + slots).clamp_(max=s.k_flat.shape[0] - 1)  # (S_g, C)
+                dense = None
+                if self.attention == "sdpa":
+                    kd, vd = s.dense_view()
+                    dense = kd[r0:r1], vd[r0:r1]
+                layers.append(_Rows(s.k_flat, s.v_flat, s.starts[s0:s1], s._lengths[s0:s1], r1 - r0, s.n_kv,
+                                    (n_cap, max_cap), slots, rows, dense))
+            self.parts.append((r0, r1, layers))
         self.graph = None
 
     def snapshot(self):
@@ -305,8 +349,8 @@ class StaticDecoder:
             return add_rmsnorm(x, res, weight, eps)
         return torch_add_rmsnorm(x, res, weight, eps)
 
-    def _rope_append(self, qkv, store, lw):
-        args = (qkv, self.pos, self.cos, self.sin, store.k_flat, store.v_flat, store.starts, store._lengths,
+    def _rope_append(self, qkv, pos, store, lw):
+        args = (qkv, pos, self.cos, self.sin, store.k_flat, store.v_flat, store.starts, store.lengths,
                 lw.H, lw.n_kv, lw.d)
         if self.ops == "triton":
             from .triton_step import rope_append
@@ -321,8 +365,8 @@ class StaticDecoder:
             return silu_mul(gu)
         return torch_silu_mul(gu)
 
-    def _attend(self, q, store, lw, i, pending: int = 0):
-        """q (b, H, d) over the store (the new token already appended) -> (b, H d).
+    def _attend(self, q, store, lw, pending: int = 0):
+        """q (b, H, d) over the store's rows (a ``_Rows``; the new token already appended) -> (b, H d).
 
         pending=1: the new token is written but ``lengths`` does not count it yet (``ops="fused"``).
         """
@@ -330,47 +374,70 @@ class StaticDecoder:
         if self.attention == "triton":
             from .triton_decode import flat_decode_attention
 
-            n_cap, max_cap = self.plans[i]
-            out = flat_decode_attention(q.view(b, H, 1, d), store.k_flat, store.v_flat, store.starts, store._lengths,
+            n_cap, max_cap = store.plan
+            out = flat_decode_attention(q.view(b, H, 1, d), store.k_flat, store.v_flat, store.starts, store.lengths,
                                         lw.scaling, n_cap, max_cap, pending=pending)
             return out.view(b, H * d)
-        slots, rows = self.extra[i]
+        slots = store.slots
         if self.attention == "sdpa":
-            keys, values = store.dense_view()  # (b, n_kv, C, d)
+            keys, values = store.dense  # (b, n_kv, C, d)
         else:
-            keys = store.k_flat[rows].view(b, lw.n_kv, -1, d)  # (b, n_kv, C, d), C = longest capacity
-            values = store.v_flat[rows].view(b, lw.n_kv, -1, d)
-        valid = (slots[None, :] < (store._lengths + pending)[:, None]).view(b, lw.n_kv, 1, -1)  # (b, n_kv, 1, C)
+            keys = store.k_flat[store.rows].view(b, lw.n_kv, -1, d)  # (b, n_kv, C, d), C = longest capacity
+            values = store.v_flat[store.rows].view(b, lw.n_kv, -1, d)
+        valid = (slots[None, :keys.shape[2]] < (store.lengths + pending)[:, None]).view(b, lw.n_kv, 1, -1)  # (b, n_kv, 1, C)
         qg = q.view(b, lw.n_kv, H // lw.n_kv, d)  # a group's g heads as g query rows of one KV head
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=valid, scale=lw.scaling)
         return out.reshape(b, H * d)
 
     def _step(self):
-        """One token for every row, device work only (this is what the graph captures)."""
+        """One token for every row, device work only (this is what the graph captures).
+
+        With several row groups each group's whole step runs on its own CUDA stream: the groups share
+        nothing but the (read-only) weights, so one group's memory-bound attention overlaps another's
+        launch-bound small matmuls. Streams fork from and join back to the current one (a graph
+        captures that as parallel branches).
+        """
+        if len(self.parts) == 1:
+            return self._step_rows(*self.parts[0])
+        if not self.cuda_streams:  # CPU: the groups one after the other (same arithmetic)
+            return torch.cat([self._step_rows(*part) for part in self.parts])
+        main = torch.cuda.current_stream()
+        outs = []
+        for part, stream in zip(self.parts, self.cuda_streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(self._step_rows(*part))
+        for stream in self.cuda_streams:
+            main.wait_stream(stream)
+        return torch.cat(outs)
+
+    def _step_rows(self, r0: int, r1: int, stores: list):
+        """One token for rows r0 .. r1 - 1 (``stores``: their ``_Rows`` views, one per layer) -> logits."""
         w = self.w
-        x = F.embedding(self.ids, w.embed)  # (b, hidden)
+        ids, pos = self.ids[r0:r1], self.pos[r0:r1]
+        x = F.embedding(ids, w.embed)  # (rows, hidden)
         mlp_prev = None
         if self.ops == "fused":
             from .triton_fused import norm_gate_up, norm_qkv_rope
-        for i, (lw, store) in enumerate(zip(w.layers, self.stores)):
+        for lw, store in zip(w.layers, stores):
             if self.ops == "fused":  # 5 launches: see minikv.gpu.triton_fused
-                q, x = norm_qkv_rope(x, mlp_prev, lw.ln1, lw.eps1, lw.w_qkv, lw.b_qkv, self.pos, self.cos, self.sin,
-                                     store.k_flat, store.v_flat, store.starts, store._lengths, lw.H, lw.n_kv, lw.d)
-                a = self._attend(q, store, lw, i, pending=1)
+                q, x = norm_qkv_rope(x, mlp_prev, lw.ln1, lw.eps1, lw.w_qkv, lw.b_qkv, pos, self.cos, self.sin,
+                                     store.k_flat, store.v_flat, store.starts, store.lengths, lw.H, lw.n_kv, lw.d)
+                a = self._attend(q, store, lw, pending=1)
                 act, x = norm_gate_up(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu,
-                                      bump=store._lengths)
+                                      bump=store.lengths)
                 mlp_prev = F.linear(act, lw.w_down, lw.b_down)
                 continue
             h, x = self._norm(x, mlp_prev, lw.ln1, lw.eps1)  # x: the residual stream
-            qkv = F.linear(h, lw.w_qkv, lw.b_qkv)  # (b, (H + 2 n_kv) d)
-            q = self._rope_append(qkv, store, lw)  # (b, H, d)
-            a = self._attend(q, store, lw, i)  # (b, H d)
+            qkv = F.linear(h, lw.w_qkv, lw.b_qkv)  # (rows, (H + 2 n_kv) d)
+            q = self._rope_append(qkv, pos, store, lw)  # (rows, H, d)
+            a = self._attend(q, store, lw)  # (rows, H d)
             h, x = self._norm(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
             mlp_prev = F.linear(self._silu_mul(F.linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
         h, _ = self._norm(x, mlp_prev, w.norm_w, w.norm_eps)
-        logits = F.linear(h, w.lm_head)  # (b, vocab)
-        torch.argmax(logits, dim=-1, out=self.ids)  # the greedy next token, into the static input
-        self.pos.add_(1)
+        logits = F.linear(h, w.lm_head)  # (rows, vocab)
+        torch.argmax(logits, dim=-1, out=ids)  # the greedy next token, into the static input
+        pos.add_(1)
         return logits
 
     def _make_room(self):

@@ -74,6 +74,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eager-repeats", type=int, default=3)
     parser.add_argument("--eager-ratios", default="0.75", help="ratios also timed on the eager RaggedCache path")
     parser.add_argument("--rows-per-chunk", type=int, default=None, help="prefill this many rows at a time")
+    parser.add_argument("--stream-variants", default="",
+                        help="also time the static full cache (kernel) and the first press at ratio 0.75 with each of "
+                             "these numbers of row groups / CUDA streams, e.g. 1,2,4 (rows static_triton_s<n>, compressed_s<n>)")
+    parser.add_argument("--fused-variant", action="store_true",
+                        help="also time the first press at ratio 0.75 with ops='fused' (row compressed_fused)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script (tiny)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="auto: bfloat16 on CUDA, float32 on a CPU")
@@ -330,11 +335,12 @@ def check_decoder(model, dec, n_steps: int, n_rows: int = 4) -> dict:
 
 
 # -- the rows -----------------------------------------------------------------------------------------
-def decoder_row(model, weights, stores, prefilled, first, attention, args, device, copy_bw, check: bool):
+def decoder_row(model, weights, stores, prefilled, first, attention, args, device, copy_bw, check: bool,
+                ops: str = "auto", streams="auto"):
     from .decoder import StaticDecoder
 
     t0 = time.perf_counter()
-    dec = StaticDecoder(weights, stores, prefilled.context_length, first, attention=attention)
+    dec = StaticDecoder(weights, stores, prefilled.context_length, first, attention=attention, ops=ops, streams=streams)
     snap = dec.snapshot()
     graph_error = None
     if dec.use_graph:
@@ -347,7 +353,7 @@ def decoder_row(model, weights, stores, prefilled, first, attention, args, devic
             dec.graph, dec.use_graph = None, False
             dec.restore(snap)
             graph_error = f"{type(e).__name__}: {e}"[:300]
-    row = dict(attention=dec.attention, ops=dec.ops, graph=dec.use_graph)
+    row = dict(attention=dec.attention, ops=dec.ops, graph=dec.use_graph, streams=dec.n_streams)
     if graph_error:
         row["graph_error"] = graph_error
     if check and args.check_steps > 0:
@@ -574,9 +580,14 @@ def run(args) -> int:
     log(f"prefill {meta['prefill_s']:.1f} s")
 
     add(lambda: dynamic_row(model, weights, pre, first, args, device, copy_bw), method="dynamic_eager", press="no_press", ratio=0.0)
-    for method, attention in (("static_sdpa", "sdpa"), ("static_triton", "triton" if device.type == "cuda" else "torch")):
+    kernel = "triton" if device.type == "cuda" else "torch"
+    for method, attention in (("static_sdpa", "sdpa"), ("static_triton", kernel)):
         add(lambda: decoder_row(model, weights, pre.stores, pre, first, attention, args, device, copy_bw, check=True),
             method=method, press="no_press", ratio=0.0)
+    stream_variants = [int(n) for n in args.stream_variants.split(",") if n]
+    for n in stream_variants:  # the strongest baseline we have, with every number of streams tried
+        add(lambda n=n: decoder_row(model, weights, pre.stores, pre, first, kernel, args, device, copy_bw, check=False,
+                                    streams=n), method=f"static_triton_s{n}", press="no_press", ratio=0.0)
     for ratio in ratios:
         for name in presses:
             holder = {}
@@ -593,6 +604,15 @@ def run(args) -> int:
                 return dict(r, select_build_s=select_s, kv_fraction=held / full)
 
             add(compressed, method="compressed", press=name, ratio=ratio)
+            if ratio == 0.75 and name == presses[0] and "stores" not in holder:
+                holder["stores"] = compressed_stores(pre, get_press(name, compression_ratio=ratio), model, reserve)
+            if ratio == 0.75 and name == presses[0]:
+                variants = [(f"compressed_s{n}", dict(streams=n)) for n in stream_variants]
+                if args.fused_variant:
+                    variants.append(("compressed_fused", dict(ops="fused")))
+                for method, kw in variants:
+                    add(lambda kw=kw: decoder_row(model, weights, holder["stores"], pre, first, "auto", args, device,
+                                                  copy_bw, check=False, **kw), method=method, press=name, ratio=ratio)
             if ratio in eager_ratios and "stores" in holder:
                 add(lambda: ragged_eager_row(model, weights, holder["stores"], pre, first, args, device, copy_bw),
                     method="compressed_eager", press=name, ratio=ratio)

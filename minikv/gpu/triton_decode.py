@@ -23,10 +23,11 @@ kept key and value exactly once, as fast as memory allows:
 * A segment that fits in one chunk writes its output directly. Otherwise each chunk writes
   its partial output acc / l and its log-sum-exp m + log(l), and the chunks are merged:
   out = sum_j exp(lse_j - lse) * out_j with lse = log sum_j exp(lse_j) -- the same rescaling,
-  once more, across chunks. The merge is *fused*: every chunk program bumps a per-segment
-  counter after writing its partial, and the program that arrives last merges them all
-  (``FUSED_MERGE``; a second small kernel does it with ``fused=False``). One launch, not two:
-  at small caches (4k tokens) the second launch was a third of the time.
+  once more, across chunks. A second small kernel does the merge (one program per segment).
+  It can also be fused into the first (``fused=True``): every chunk program bumps a per-segment
+  counter after writing its partial, and the program that arrives last merges them all. One
+  launch instead of two -- yet on the H200 the fused version was slower in every shape timed
+  (results/gpu/NOTES.md): the last program's merge runs after everything else, alone.
 
 Any head dim up to 256: tiles are padded to the next power of two (at least 16, what
 ``tl.dot`` needs) and the padding is masked on every load and store, so d = 80 or 96
@@ -162,12 +163,13 @@ def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
         _merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits, G, D, D_PAD, SPLIT_BLOCK)
 
 
-# Tile and launch settings per padded head dim, chosen by the benchmark's sweep on an H200 (results/gpu/NOTES.md)
-# for 64 and 128; 256 halves the tile so that two stages of K and V tiles fit in shared memory.
-# per_sm = how many non-empty programs to aim for per multiprocessor.
+# Tile and launch settings per padded head dim, chosen by two sweeps on an H200 (results/gpu/NOTES.md): caches
+# of >= 1 GB (issue 7) and of 4k-16k tokens at ratio 0.75 (issue 13, `python -m minikv.gpu.tune`): 128-token
+# tiles, two stages and ~4 programs per multiprocessor came within 10 % of each shape's best there; 256 halves the
+# tile so that two stages of K and V tiles fit in shared memory. per_sm = non-empty programs to aim for per SM.
 CONFIG = {
-    64: dict(block_n=128, num_warps=4, num_stages=3, per_sm=4),
-    128: dict(block_n=128, num_warps=4, num_stages=2, per_sm=8),
+    64: dict(block_n=128, num_warps=4, num_stages=2, per_sm=4),
+    128: dict(block_n=128, num_warps=4, num_stages=2, per_sm=4),
     256: dict(block_n=64, num_warps=4, num_stages=2, per_sm=8),
 }
 SPLIT_BLOCK = 16  # chunks the merge reads per round trip
@@ -188,20 +190,21 @@ def config_for(d: int, dtype: torch.dtype) -> dict:
 
 
 def fused_merge_default() -> bool:
-    """Fused merge unless MINIKV_FUSED_MERGE=0 (the two-launch version, kept as a fallback and for comparison)."""
-    return os.environ.get("MINIKV_FUSED_MERGE", "1") != "0"
+    """Two launches (kernel + merge) unless MINIKV_FUSED_MERGE=1: the fused merge was slower (results/gpu/NOTES.md)."""
+    return os.environ.get("MINIKV_FUSED_MERGE", "0") == "1"
 
 
 _COUNTERS: dict = {}
 
 
-def merge_counters(device: torch.device, n_segments: int) -> torch.Tensor:
+def merge_counters(device: torch.device, n_segments: int, owner: int = 0) -> torch.Tensor:
     """The fused merge's per-segment arrival counters: zeros, reset by the kernel itself after every merge.
 
-    One buffer per (device, number of segments), kept for the life of the process: a CUDA graph
-    captured with it keeps pointing at it. It must first be made outside a graph capture.
+    One buffer per (device, number of segments, owner), kept for the life of the process: a CUDA graph
+    captured with it keeps pointing at it. It must first be made outside a graph capture. ``owner`` (the
+    segments' ``starts`` address) keeps calls that may run at the same time -- on two streams -- apart.
     """
-    key = (str(device), n_segments)
+    key = (str(device), n_segments, owner)
     buf = _COUNTERS.get(key)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -252,7 +255,7 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     parts = max(num_splits, 2)  # (a one-chunk plan writes no partials; keep the buffers non-empty)
     out_part = torch.empty(S, parts, G, d, device=query.device, dtype=torch.float32)
     lse_part = torch.empty(S, parts, G, device=query.device, dtype=torch.float32)
-    counter = merge_counters(query.device, S) if fused else lse_part  # (unused when not fused)
+    counter = merge_counters(query.device, S, starts.data_ptr()) if fused else lse_part  # (unused when not fused)
     ieee = k_flat.dtype == torch.float32
     _split_kernel[(S, num_splits)](
         q, k_flat, v_flat, starts, lengths, out, out_part, lse_part, counter,
