@@ -56,7 +56,11 @@ from .store import FlatStore, _triton_usable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FUSED_MAX_HIDDEN = 0  # ops="auto" picks "fused" up to this hidden size: never -- slower on the H200 (results/gpu/NOTES.md)
-STREAMS_AUTO = 2  # streams="auto": this many row groups when the KV cache is over this many times the weights
+# streams="auto": 2 row groups (each on its own CUDA stream, each reading the weights once) when the weights are at
+# most this share of the KV bytes; else 1. Measured on the H200 (results/gpu/NOTES.md, run 3): SmolLM2 64 x 8k gained
+# 1.7 % (ratio 0.75) and 4.4 % (full cache) from 2 groups, 4 groups gained less; for the Llama-8B shape (weights 15 GB)
+# a second read of the weights costs more than any overlap can give back.
+STREAMS_MAX_WEIGHT_SHARE = 0.125
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +280,8 @@ class StaticDecoder:
             raise ValueError("CUDA graphs need CUDA tensors; pass graph=False on the CPU")
         if streams == "auto":
             kv = sum(st.nbytes for st in stores)
-            streams = STREAMS_AUTO if dev.type == "cuda" and weights.bytes_read(self.b) * STREAMS_AUTO < kv else 1
+            small = weights.bytes_read(self.b) <= STREAMS_MAX_WEIGHT_SHARE * kv
+            streams = 2 if dev.type == "cuda" and small and self.b >= 2 else 1
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= self.b:
             raise ValueError(f"streams must be 'auto' or an int from 1 to the batch size {self.b}, got {streams!r}")
         self.n_streams = streams

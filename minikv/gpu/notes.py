@@ -5,7 +5,8 @@
     python -m minikv.gpu.notes results/gpu/RUN --write --notes results/gpu/NOTES.md --bench results/gpu/decode_graphs_run1
 
 NOTES.md marks each table's place with ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->``; ``--write``
-replaces what lies between (NAME: e2e_smollm2, e2e_llama8b, targets, checks, bench_small, bench_large) and
+replaces what lies between (NAME: e2e_smollm2, e2e_llama8b, targets, checks, bench_small, bench_large,
+tune_attention, tune_ops) and
 leaves a block alone when its table cannot be made (say which, on stdout). ``--notes``: the NOTES.md to write
 (default: the folder's own, else results/gpu/NOTES.md). ``--bench``: where the attention benchmark's JSON is
 when the run folder has none (issue-13 run 2 skipped the benchmark: run 1's stays valid).
@@ -24,7 +25,11 @@ LABELS = {
     "static_triton": "full, static + ragged kernel, graph",
     "compressed": "compressed, graph",
     "compressed_eager": "compressed, RaggedCache, eager",
+    "compressed_fused": "compressed, graph, ops='fused'",
 }
+for _n in (1, 2, 4):  # run 3's variants: the same decoder with 1, 2 or 4 row groups on their own CUDA streams
+    LABELS[f"static_triton_s{_n}"] = f"full, static + ragged kernel, graph, {_n} stream{'s' if _n > 1 else ''}"
+    LABELS[f"compressed_s{_n}"] = f"compressed, graph, {_n} stream{'s' if _n > 1 else ''}"
 
 
 def _load(folder, name):
@@ -51,6 +56,8 @@ def e2e_table(data) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         label = LABELS.get(r["method"], r["method"])
+        if r.get("streams", 1) > 1 and r["method"] in ("static_sdpa", "static_triton", "compressed"):
+            label += f" ({r['streams']} streams)"
         if "ms_per_step" not in r:
             lines.append(f"| {label} | {r.get('press', '')} | {r.get('ratio', 0)} | {r.get('error') or r.get('skipped')} "
                          "| | | | | | | | | |")
@@ -171,6 +178,13 @@ def tables(folder, bench_folder=None) -> dict:
     if runs:
         out["targets"] = targets_table(runs)
         out["checks"] = checks_table(runs)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith("tune") and name.endswith(".json"):
+            tune = _load(folder, name)
+            if tune.get("attention") and "tune_attention" not in out:
+                out["tune_attention"] = f"(from `{name}`)\n\n" + tune_attention_table(tune)
+            if tune.get("ops") and "tune_ops" not in out:
+                out["tune_ops"] = f"(from `{name}`)\n\n" + tune_ops_table(tune)
     path = _bench_json([folder, bench_folder])
     if path is not None:
         with open(path) as f:
@@ -179,6 +193,42 @@ def tables(folder, bench_folder=None) -> dict:
         out["bench_small"] = src + bench_small_table(bench)
         out["bench_large"] = src + bench_large_table(bench)
     return out
+
+
+def tune_attention_table(data) -> str:
+    """``python -m minikv.gpu.tune``'s attention part: the default plan and the best of the sweep, vs full SDPA."""
+    rows = data.get("attention", [])
+    cases = sorted({(r["model"], r["L"], r["b"]) for r in rows if "us" in r}, key=lambda c: (c[0], c[1], c[2]))
+    lines = ["| model | L | b | full SDPA µs | default µs | default / full | ≤ 0.3? | best of sweep µs | best / full | best settings |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        rs = [r for r in rows if (r["model"], r["L"], r["b"]) == c and "us" in r]
+        dflt = next((r for r in rs if r.get("config") == "default"), None)
+        best = min((r for r in rs if "fused" in r), key=lambda r: r["us"])
+        full = best["full_us"]
+        cfg = ", ".join(f"{k}={best[k]}" for k in ("fused", "block_n", "num_stages", "programs"))
+        d_us = None if dflt is None else dflt["us"]
+        ok = "–" if d_us is None else ("yes" if d_us <= 0.3 * full else "**no**")
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {full:.1f} | {_f(d_us, '.1f')} | "
+                     f"{_f(None if d_us is None else d_us / full, '.3f')} | {ok} | {best['us']:.1f} | {best['us'] / full:.3f} | {cfg} |")
+    return "\n".join(lines)
+
+
+def tune_ops_table(data) -> str:
+    """``python -m minikv.gpu.tune``'s ops part: one layer's small ops, µs of GPU time each, both ways."""
+    rows = [r for r in data.get("ops", []) if "us" in r]
+    summ = {r["shape"]: r for r in data.get("ops", []) if r.get("op") == "summary"}
+    lines = ["| shape | op | µs |", "|---|---|---|"]
+    for r in rows:
+        if r["op"].startswith(("norm_qkv_rope", "norm_gate_up")):
+            continue  # the tile sweep: only its best goes in the summary lines
+        lines.append(f"| {r['shape']} | {r['op']} | {r['us']:.1f} |")
+    for shape, r in summ.items():
+        lines.append(f"| {shape} | **ops='triton': 8 launches besides attention** | **{r['nine_launch_us']:.1f}** |")
+        lines.append(f"| {shape} | norm_qkv_rope (best tile) | {r['best_qkv_us']:.1f} |")
+        lines.append(f"| {shape} | norm_gate_up (best tile) | {r['best_gate_up_us']:.1f} |")
+        lines.append(f"| {shape} | **ops='fused': 4 launches besides attention** (with linear o, down) | **{r['fused_us']:.1f}** |")
+    return "\n".join(lines)
 
 
 def fill(text: str, name: str, table: str) -> str:

@@ -169,10 +169,11 @@ def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
 # tile so that two stages of K and V tiles fit in shared memory. per_sm = non-empty programs to aim for per SM.
 CONFIG = {
     64: dict(block_n=128, num_warps=4, num_stages=2, per_sm=4),
-    128: dict(block_n=128, num_warps=4, num_stages=2, per_sm=4),
+    128: dict(block_n=128, num_warps=4, num_stages=2, per_sm=8, per_sm_short=4),
     256: dict(block_n=64, num_warps=4, num_stages=2, per_sm=8),
 }
 SPLIT_BLOCK = 16  # chunks the merge reads per round trip
+SHORT_CHUNK = 1024  # tokens: a plan whose chunks would be shorter than this uses per_sm_short (fewer, longer chunks)
 
 
 def padded_head_dim(d: int) -> int:
@@ -244,7 +245,10 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     if programs is None:
-        programs = cfg["per_sm"] * _sm_count(query.device.index or 0) if query.is_cuda else 64
+        sms = _sm_count(query.device.index or 0) if query.is_cuda else 16
+        programs = cfg["per_sm"] * sms
+        if n_total < SHORT_CHUNK * programs:  # short caches (issue-13 sweep): 4 programs per SM did better
+            programs = cfg.get("per_sm_short", cfg["per_sm"]) * sms
     fused = fused_merge_default() if fused is None else fused
     chunk, num_splits = plan_splits(n_total, max_len, block_n, programs)
     G_PAD = max(16, triton.next_power_of_2(G))

@@ -86,7 +86,7 @@ def ops_part(device, rep_ms, log):
         if base["rope_append"] is not None and reset is not None:
             base["rope_append"] -= reset
         nine = sum(v for v in base.values() if v is not None) + base["add_rmsnorm"]  # two norms per layer
-        log(f"[ops] {shape}: the 9 launches of ops='triton' (attention apart): {nine:.1f} us per layer; "
+        log(f"[ops] {shape}: the 8 launches of ops='triton' besides attention: {nine:.1f} us per layer; "
             + ", ".join(f"{k} {v:.1f}" for k, v in base.items() if v is not None))
         best_q, best_g = None, None
         grid_q = [dict(block_m=bm, block_k=bk, num_warps=nw) for bm in (16, 32, 64) for bk in (64, 128) for nw in (4,)]
