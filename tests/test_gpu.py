@@ -355,7 +355,7 @@ def model_decode(model, stores, L, first, n_steps):
 @pytest.mark.parametrize("press_name,attention,streams", [("no_press", "sdpa", 1), ("no_press", "sdpa", 2),
                                                           ("no_press", "torch", 1), ("adakv_snapkv", "torch", 1),
                                                           ("adakv_snapkv", "torch", 2), ("snapkv", "torch", 1)])
-def test_static_decoder_matches_the_models_forward(press_name, attention, streams):
+def test_static_decoder_matches_the_models_forward(press_name, attention, streams):  # (overlap: GPU test below)
     """minikv's step (PyTorch ops) = the model's forward, step by step, across re-layouts (reserve 2, 7 steps),
     whole batch or one row group per stream (on the CPU the groups run one after the other)."""
     from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
@@ -402,6 +402,11 @@ def test_static_decoder_refuses_what_it_cannot_run():
     for bad in (0, 3, "two", True, 1.5):  # 3 > the batch of 2
         with pytest.raises(ValueError, match="streams must be 'auto' or an int from 1 to the batch size 2"):
             StaticDecoder(w, pre.stores, 20, first, streams=bad)
+    with pytest.raises(ValueError, match="overlap=True interleaves row groups: it needs streams >= 2"):
+        StaticDecoder(w, pre.stores, 20, first, streams=1, overlap=True)
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="attn_programs_per_sm must be None or a positive int"):
+            StaticDecoder(w, pre.stores, 20, first, attn_programs_per_sm=bad)
     ragged = [FlatStore.from_selection(*s.dense_view(), ragged_keep(2, s.n_kv, s.dense_view()[0].shape[2], torch.Generator()))
               for s in pre.stores]
     with pytest.raises(ValueError, match="uniform"):
@@ -473,9 +478,10 @@ def test_fp32_check_passes_a_correct_decoder_and_fails_a_wrong_one():
 
 
 @cuda
-@pytest.mark.parametrize("ops,streams", [("triton", 1), ("triton", 2), ("fused", 1), ("fused", 3)])
+@pytest.mark.parametrize("ops,streams,overlap", [("triton", 1, False), ("triton", 2, False), ("fused", 1, False),
+                                                 ("fused", 3, False), ("triton", 2, True), ("fused", 3, True)])
 @pytest.mark.parametrize("mode", ["compressed", "static_triton", "static_sdpa"])
-def test_graph_decoder_matches_eager_and_the_model(mode, ops, streams):
+def test_graph_decoder_matches_eager_and_the_model(mode, ops, streams, overlap):
     """CUDA graphs (re-captured after each re-layout) = the same step run eagerly = the model's own forward."""
     pytest.importorskip("triton")
     from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
@@ -495,7 +501,8 @@ def test_graph_decoder_matches_eager_and_the_model(mode, ops, streams):
     first = pre.logits.argmax(-1)
     toks, ref = model_decode(model, ref_stores, 300, first, 10)
     w = StepWeights(model)
-    graph = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, streams=streams)
+    graph = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, streams=streams, overlap=overlap,
+                          attn_programs_per_sm=2 if overlap else None)
     eager = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, graph=False)
     assert graph.use_graph and graph.ops == ops and len(graph.cuda_streams) == (streams if streams > 1 else 0)
     for t in range(10):

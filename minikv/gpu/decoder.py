@@ -238,7 +238,7 @@ class StaticDecoder:
 
     def __init__(self, weights: StepWeights, stores: list, position: int, first_ids: torch.Tensor,
                  attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024,
-                 streams: int | str = "auto"):
+                 streams: int | str = "auto", overlap: bool = False, attn_programs_per_sm: int | None = None):
         if attention not in ("auto", "triton", "sdpa", "torch"):
             raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'torch', got {attention!r}")
         if ops not in ("auto", "triton", "fused", "torch"):
@@ -288,6 +288,19 @@ class StaticDecoder:
         bounds = [int(t[0]) for t in torch.arange(self.b).tensor_split(streams)] + [self.b]
         self.row_groups = list(zip(bounds[:-1], bounds[1:]))  # rows each stream decodes, e.g. [(0, 32), (32, 64)]
         self.cuda_streams = [torch.cuda.Stream(device=dev) for _ in self.row_groups] if dev.type == "cuda" and streams > 1 else []
+        if overlap and streams < 2:
+            raise ValueError("overlap=True interleaves row groups: it needs streams >= 2")
+        self.overlap = bool(overlap)
+        if self.overlap and dev.type == "cuda":  # the small ops before the attention, on a high-priority stream
+            lo, hi = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
+            self.ops_stream = torch.cuda.Stream(device=dev, priority=hi)
+            self.attn_stream = torch.cuda.Stream(device=dev, priority=lo)
+        if attn_programs_per_sm is not None and (isinstance(attn_programs_per_sm, bool) or not isinstance(attn_programs_per_sm, int)
+                                                 or attn_programs_per_sm < 1):
+            raise ValueError(f"attn_programs_per_sm must be None or a positive int, got {attn_programs_per_sm!r}")
+        self.attn_programs = None
+        if attn_programs_per_sm is not None and dev.type == "cuda":
+            self.attn_programs = attn_programs_per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
         self.ids = first_ids.to(dev, torch.long).clone()  # (b,) static input: the token each row feeds next
         self.position0 = position
         self.pos = torch.full((self.b,), position, dtype=torch.long, device=dev)  # (b,) RoPE position, static
@@ -381,7 +394,7 @@ class StaticDecoder:
 
             n_cap, max_cap = store.plan
             out = flat_decode_attention(q.view(b, H, 1, d), store.k_flat, store.v_flat, store.starts, store.lengths,
-                                        lw.scaling, n_cap, max_cap, pending=pending)
+                                        lw.scaling, n_cap, max_cap, pending=pending, programs=self.attn_programs)
             return out.view(b, H * d)
         slots = store.slots
         if self.attention == "sdpa":
@@ -398,14 +411,17 @@ class StaticDecoder:
         """One token for every row, device work only (this is what the graph captures).
 
         With several row groups each group's whole step runs on its own CUDA stream: the groups share
-        nothing but the (read-only) weights, so one group's memory-bound attention overlaps another's
+        nothing but the (read-only) weights, so one group's memory-bound attention may overlap another's
         launch-bound small matmuls. Streams fork from and join back to the current one (a graph
-        captures that as parallel branches).
+        captures that as parallel branches). ``overlap=True`` arranges that overlap explicitly instead
+        (``_step_overlap``).
         """
         if len(self.parts) == 1:
             return self._step_rows(*self.parts[0])
         if not self.cuda_streams:  # CPU: the groups one after the other (same arithmetic)
             return torch.cat([self._step_rows(*part) for part in self.parts])
+        if self.overlap:
+            return self._step_overlap()
         main = torch.cuda.current_stream()
         outs = []
         for part, stream in zip(self.parts, self.cuda_streams):
@@ -416,33 +432,92 @@ class StaticDecoder:
             main.wait_stream(stream)
         return torch.cat(outs)
 
-    def _step_rows(self, r0: int, r1: int, stores: list):
-        """One token for rows r0 .. r1 - 1 (``stores``: their ``_Rows`` views, one per layer) -> logits."""
-        w = self.w
-        ids, pos = self.ids[r0:r1], self.pos[r0:r1]
-        x = F.embedding(ids, w.embed)  # (rows, hidden)
-        mlp_prev = None
+    # a layer in three pieces: before the attention, the attention, after it
+    def _pre(self, x, mlp_prev, lw, store, pos):
+        """(residual, previous MLP output) -> (rotated queries (rows, H, d), residual); k, v appended."""
+        if self.ops == "fused":  # see minikv.gpu.triton_fused: the lengths move on in _post
+            from .triton_fused import norm_qkv_rope
+
+            return norm_qkv_rope(x, mlp_prev, lw.ln1, lw.eps1, lw.w_qkv, lw.b_qkv, pos, self.cos, self.sin,
+                                 store.k_flat, store.v_flat, store.starts, store.lengths, lw.H, lw.n_kv, lw.d)
+        h, x = self._norm(x, mlp_prev, lw.ln1, lw.eps1)  # x: the residual stream
+        qkv = F.linear(h, lw.w_qkv, lw.b_qkv)  # (rows, (H + 2 n_kv) d)
+        return self._rope_append(qkv, pos, store, lw), x
+
+    def _post(self, x, a, lw, store):
+        """(residual, attention output (rows, H d)) -> (residual, MLP output)."""
         if self.ops == "fused":
-            from .triton_fused import norm_gate_up, norm_qkv_rope
-        for lw, store in zip(w.layers, stores):
-            if self.ops == "fused":  # 5 launches: see minikv.gpu.triton_fused
-                q, x = norm_qkv_rope(x, mlp_prev, lw.ln1, lw.eps1, lw.w_qkv, lw.b_qkv, pos, self.cos, self.sin,
-                                     store.k_flat, store.v_flat, store.starts, store.lengths, lw.H, lw.n_kv, lw.d)
-                a = self._attend(q, store, lw, pending=1)
-                act, x = norm_gate_up(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu,
-                                      bump=store.lengths)
-                mlp_prev = F.linear(act, lw.w_down, lw.b_down)
-                continue
-            h, x = self._norm(x, mlp_prev, lw.ln1, lw.eps1)  # x: the residual stream
-            qkv = F.linear(h, lw.w_qkv, lw.b_qkv)  # (rows, (H + 2 n_kv) d)
-            q = self._rope_append(qkv, pos, store, lw)  # (rows, H, d)
-            a = self._attend(q, store, lw)  # (rows, H d)
-            h, x = self._norm(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
-            mlp_prev = F.linear(self._silu_mul(F.linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
-        h, _ = self._norm(x, mlp_prev, w.norm_w, w.norm_eps)
-        logits = F.linear(h, w.lm_head)  # (rows, vocab)
+            from .triton_fused import norm_gate_up
+
+            act, x = norm_gate_up(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu, bump=store.lengths)
+            return x, F.linear(act, lw.w_down, lw.b_down)
+        h, x = self._norm(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
+        return x, F.linear(self._silu_mul(F.linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
+
+    def _head(self, x, mlp_prev, ids, pos):
+        """Final norm, LM head, greedy token into ``ids``, positions + 1 -> logits (rows, vocab)."""
+        h, _ = self._norm(x, mlp_prev, self.w.norm_w, self.w.norm_eps)
+        logits = F.linear(h, self.w.lm_head)
         torch.argmax(logits, dim=-1, out=ids)  # the greedy next token, into the static input
         pos.add_(1)
+        return logits
+
+    def _step_rows(self, r0: int, r1: int, stores: list):
+        """One token for rows r0 .. r1 - 1 (``stores``: their ``_Rows`` views, one per layer) -> logits."""
+        ids, pos = self.ids[r0:r1], self.pos[r0:r1]
+        x = F.embedding(ids, self.w.embed)  # (rows, hidden)
+        mlp_prev = None
+        pending = 1 if self.ops == "fused" else 0
+        for lw, store in zip(self.w.layers, stores):
+            q, x = self._pre(x, mlp_prev, lw, store, pos)
+            a = self._attend(q, store, lw, pending)  # (rows, H d)
+            x, mlp_prev = self._post(x, a, lw, store)
+        return self._head(x, mlp_prev, ids, pos)
+
+    def _step_overlap(self):
+        """The groups interleaved layer by layer: small ops on one (high-priority) stream, attention on another.
+
+        Ops stream:        [g0: post(i-1), pre(i)] [g1: post(i-1), pre(i)] [g0: post(i), pre(i+1)] ...
+        Attention stream:              [g0: attn(i)]            [g1: attn(i)]            [g0: attn(i+1)] ...
+        Each piece waits (an event) for the one it needs, so while one group's attention streams its cache
+        the other group's matmuls run. Every tensor that crosses streams stays referenced until the step
+        ends (all streams joined), so the allocator cannot hand its memory to another op while it is in use.
+        """
+        main, ops, att = torch.cuda.current_stream(), self.ops_stream, self.attn_stream
+        ops.wait_stream(main)
+        att.wait_stream(main)
+        pending = 1 if self.ops == "fused" else 0
+        keep, st = [], []
+        with torch.cuda.stream(ops):
+            for r0, r1, _ in self.parts:
+                st.append(dict(x=F.embedding(self.ids[r0:r1], self.w.embed), mlp=None, a=None, done=None))
+        for i, lw in enumerate(self.w.layers):
+            for g, (r0, r1, stores) in enumerate(self.parts):
+                s, store = st[g], stores[i]
+                with torch.cuda.stream(ops):
+                    if s["a"] is not None:  # the previous layer's attention of this group
+                        ops.wait_event(s["done"])
+                        s["x"], s["mlp"] = self._post(s["x"], s["a"], self.w.layers[i - 1], stores[i - 1])
+                    q, s["x"] = self._pre(s["x"], s["mlp"], lw, store, self.pos[r0:r1])
+                    ready = torch.cuda.Event()
+                    ready.record(ops)
+                with torch.cuda.stream(att):
+                    att.wait_event(ready)
+                    s["a"] = self._attend(q, store, lw, pending)
+                    s["done"] = torch.cuda.Event()
+                    s["done"].record(att)
+                keep += [q, s["a"]]
+        outs = []
+        with torch.cuda.stream(ops):
+            for g, (r0, r1, stores) in enumerate(self.parts):
+                s = st[g]
+                ops.wait_event(s["done"])
+                s["x"], s["mlp"] = self._post(s["x"], s["a"], self.w.layers[-1], stores[-1])
+                outs.append(self._head(s["x"], s["mlp"], self.ids[r0:r1], self.pos[r0:r1]))
+            logits = torch.cat(outs)
+        main.wait_stream(ops)
+        main.wait_stream(att)
+        del keep
         return logits
 
     def _make_room(self):

@@ -77,6 +77,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stream-variants", default="",
                         help="also time the static full cache (kernel) and the first press at ratio 0.75 with each of "
                              "these numbers of row groups / CUDA streams, e.g. 1,2,4 (rows static_triton_s<n>, compressed_s<n>)")
+    parser.add_argument("--overlap-variants", default="",
+                        help="also time the static full cache (kernel) and the first press at ratio 0.75 with 2 row groups "
+                             "interleaved (overlap=True) and the attention kernel at each of these programs per SM, e.g. "
+                             "d,1,2 (d: the kernel's default) (rows static_triton_ov<p>, compressed_ov<p>)")
     parser.add_argument("--fused-variant", action="store_true",
                         help="also time the first press at ratio 0.75 with ops='fused' (row compressed_fused)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script (tiny)")
@@ -336,11 +340,12 @@ def check_decoder(model, dec, n_steps: int, n_rows: int = 4) -> dict:
 
 # -- the rows -----------------------------------------------------------------------------------------
 def decoder_row(model, weights, stores, prefilled, first, attention, args, device, copy_bw, check: bool,
-                ops: str = "auto", streams="auto"):
+                ops: str = "auto", streams="auto", overlap: bool = False, attn_programs_per_sm=None):
     from .decoder import StaticDecoder
 
     t0 = time.perf_counter()
-    dec = StaticDecoder(weights, stores, prefilled.context_length, first, attention=attention, ops=ops, streams=streams)
+    dec = StaticDecoder(weights, stores, prefilled.context_length, first, attention=attention, ops=ops, streams=streams,
+                        overlap=overlap, attn_programs_per_sm=attn_programs_per_sm)
     snap = dec.snapshot()
     graph_error = None
     if dec.use_graph:
@@ -353,7 +358,8 @@ def decoder_row(model, weights, stores, prefilled, first, attention, args, devic
             dec.graph, dec.use_graph = None, False
             dec.restore(snap)
             graph_error = f"{type(e).__name__}: {e}"[:300]
-    row = dict(attention=dec.attention, ops=dec.ops, graph=dec.use_graph, streams=dec.n_streams)
+    row = dict(attention=dec.attention, ops=dec.ops, graph=dec.use_graph, streams=dec.n_streams, overlap=dec.overlap,
+               attn_programs=dec.attn_programs)
     if graph_error:
         row["graph_error"] = graph_error
     if check and args.check_steps > 0:
@@ -585,9 +591,14 @@ def run(args) -> int:
         add(lambda: decoder_row(model, weights, pre.stores, pre, first, attention, args, device, copy_bw, check=True),
             method=method, press="no_press", ratio=0.0)
     stream_variants = [int(n) for n in args.stream_variants.split(",") if n]
+    overlap_variants = [(p, dict(streams=2, overlap=True, attn_programs_per_sm=None if p == "d" else int(p)))
+                        for p in args.overlap_variants.split(",") if p]
     for n in stream_variants:  # the strongest baseline we have, with every number of streams tried
         add(lambda n=n: decoder_row(model, weights, pre.stores, pre, first, kernel, args, device, copy_bw, check=False,
                                     streams=n), method=f"static_triton_s{n}", press="no_press", ratio=0.0)
+    for p, kw in overlap_variants:
+        add(lambda kw=kw: decoder_row(model, weights, pre.stores, pre, first, kernel, args, device, copy_bw, check=False,
+                                      **kw), method=f"static_triton_ov{p}", press="no_press", ratio=0.0)
     for ratio in ratios:
         for name in presses:
             holder = {}
@@ -608,6 +619,7 @@ def run(args) -> int:
                 holder["stores"] = compressed_stores(pre, get_press(name, compression_ratio=ratio), model, reserve)
             if ratio == 0.75 and name == presses[0]:
                 variants = [(f"compressed_s{n}", dict(streams=n)) for n in stream_variants]
+                variants += [(f"compressed_ov{p}", kw) for p, kw in overlap_variants]
                 if args.fused_variant:
                     variants.append(("compressed_fused", dict(ops="fused")))
                 for method, kw in variants:

@@ -30,6 +30,10 @@ LABELS = {
 for _n in (1, 2, 4):  # run 3's variants: the same decoder with 1, 2 or 4 row groups on their own CUDA streams
     LABELS[f"static_triton_s{_n}"] = f"full, static + ragged kernel, graph, {_n} stream{'s' if _n > 1 else ''}"
     LABELS[f"compressed_s{_n}"] = f"compressed, graph, {_n} stream{'s' if _n > 1 else ''}"
+for _p in ("d", "1", "2", "3", "4"):  # 2 row groups interleaved: small ops and attention on two streams
+    _a = "default attention grid" if _p == "d" else f"attention {_p} programs/SM"
+    LABELS[f"static_triton_ov{_p}"] = f"full, static + ragged kernel, graph, overlapped, {_a}"
+    LABELS[f"compressed_ov{_p}"] = f"compressed, graph, overlapped, {_a}"
 
 
 def _load(folder, name):

@@ -34,7 +34,7 @@ def _graph_us(fn, rep_ms):
     return 1e3 * timed_graph(fn, rep_ms)
 
 
-def ops_part(device, rep_ms, log):
+def ops_part(device, rep_ms, log, shapes=("smollm2", "llama8b")):
     from . import triton_fused as tf
     from . import triton_step as ts
     from .store import FlatStore
@@ -44,6 +44,8 @@ def ops_part(device, rep_ms, log):
     bf = dict(device=device, dtype=torch.bfloat16)
     for shape, M, K, H, n_kv, d, inter, L in (("smollm2", 64, 576, 9, 3, 64, 1536, 2048),
                                               ("llama8b", 8, 4096, 32, 8, 128, 14336, 64)):
+        if shape not in shapes:
+            continue
         x = torch.randn(M, K, generator=gen, **bf)
         r = torch.randn(M, K, generator=gen, **bf)
         ln = torch.rand(K, generator=gen, **bf) + 0.5
@@ -113,14 +115,26 @@ def ops_part(device, rep_ms, log):
     return rows
 
 
-def attention_part(device, rep_ms, log, sm):
+SMALL_CASES = [("smollm2", 4096, 1, "adakv"), ("smollm2", 4096, 8, "adakv"), ("smollm2", 4096, 32, "adakv"),
+               ("llama8b", 4096, 1, "adakv"), ("llama8b", 4096, 8, "adakv"), ("llama8b", 4096, 32, "adakv"),
+               ("llama8b", 16384, 8, "adakv"), ("smollm2", 8192, 64, "adakv")]
+E2E_CASES = [("smollm2", 8192, 64, "adakv"), ("smollm2", 8192, 64, "uniform")]  # one layer of the e2e SmolLM2 cache
+
+
+def _grid(kind, sm):
+    if kind == "small":  # the issue-13 sweep
+        return [dict(fused=f, block_n=bn, num_stages=st, programs=p) for f in (True, False) for bn in (64, 128)
+                for st in (2, 3) for p in (1, sm, 2 * sm, 4 * sm, 8 * sm, 16 * sm)]
+    return [dict(fused=False, block_n=bn, num_stages=st, num_warps=nw, programs=int(k * sm)) for bn in (64, 128)
+            for st in (2, 3, 4) for nw in (4, 8) for k in (1, 1.5, 2, 3, 4, 5, 6, 8)]
+
+
+def attention_part(device, rep_ms, log, sm, cases=SMALL_CASES, grid="small", copy_bw=4.25e12):
     from .store import FlatStore
     from .triton_decode import flat_decode_attention
 
     rows = []
-    cases = [("smollm2", 4096, 1), ("smollm2", 4096, 8), ("smollm2", 4096, 32), ("llama8b", 4096, 1),
-             ("llama8b", 4096, 8), ("llama8b", 4096, 32), ("llama8b", 16384, 8), ("smollm2", 8192, 64)]
-    for model, L, b in cases:
+    for model, L, b, heads in cases:
         m = MODELS[model]
         H, n_kv, d = m["H"], m["n_kv"], m["d"]
         gen = torch.Generator(device=device).manual_seed(L + b)
@@ -128,33 +142,34 @@ def attention_part(device, rep_ms, log, sm):
         values = torch.randn_like(keys)
         query = torch.randn(b, H, 1, d, generator=gen, device=device, dtype=torch.bfloat16)
         full_us = _graph_us(lambda: sdpa_decode(query, keys, values), rep_ms)
-        keep, _, _ = adakv_selection(b, n_kv, L, 0.75, gen, device)
+        if heads == "uniform":  # every head keeps the same number of tokens (SnapKV's cache)
+            keep = torch.zeros(b, n_kv, L, dtype=torch.bool, device=device)
+            keep[..., L - L // 4:] = True
+        else:
+            keep, _, _ = adakv_selection(b, n_kv, L, 0.75, gen, device)
         store = FlatStore.from_selection(keys, values, keep, reserve=64)
         keys = values = None  # only the compressed store is timed
         n_cap, max_cap = store.capacity_bounds()
         S = store.starts.numel()
         best = None
-        for fused in (True, False):
-            for block_n in (64, 128):
-                for stages in (2, 3):
-                    for programs in (1, sm, 2 * sm, 4 * sm, 8 * sm, 16 * sm):
-                        cfg = dict(fused=fused, block_n=block_n, num_stages=stages, programs=programs)
-                        fn = lambda cfg=cfg: flat_decode_attention(query, store.k_flat, store.v_flat, store.starts,
-                                                                   store._lengths, d ** -0.5, n_cap, max_cap, **cfg)
-                        try:
-                            us = _graph_us(fn, rep_ms)
-                        except Exception as e:
-                            rows.append(dict(model=model, L=L, b=b, S=S, error=f"{type(e).__name__}: {e}"[:200], **cfg))
-                            continue
-                        rows.append(dict(model=model, L=L, b=b, S=S, us=us, full_us=full_us, ratio_to_full=us / full_us,
-                                         kv_bytes=store.nbytes, **cfg))
-                        if best is None or us < best[0]:
-                            best = (us, cfg)
+        for cfg in _grid(grid, sm):
+            fn = lambda cfg=cfg: flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths,
+                                                       d ** -0.5, n_cap, max_cap, **cfg)
+            try:
+                us = _graph_us(fn, rep_ms)
+            except Exception as e:  # a tiling that does not fit (shared memory) is a row with its error
+                rows.append(dict(model=model, L=L, b=b, heads=heads, S=S, error=f"{type(e).__name__}: {e}"[:200], **cfg))
+                continue
+            rows.append(dict(model=model, L=L, b=b, heads=heads, S=S, us=us, full_us=full_us, ratio_to_full=us / full_us,
+                             kv_bytes=store.nbytes, **cfg))
+            if best is None or us < best[0]:
+                best = (us, cfg)
         default_us = _graph_us(lambda: flat_decode_attention(query, store.k_flat, store.v_flat, store.starts, store._lengths,
                                                              d ** -0.5, n_cap, max_cap), rep_ms)
-        rows.append(dict(model=model, L=L, b=b, S=S, us=default_us, full_us=full_us, ratio_to_full=default_us / full_us,
-                         kv_bytes=store.nbytes, config="default"))
-        log(f"[attn] {model} L={L} b={b}: full SDPA {full_us:.1f} us; default {default_us:.1f} us "
+        rows.append(dict(model=model, L=L, b=b, heads=heads, S=S, us=default_us, full_us=full_us,
+                         ratio_to_full=default_us / full_us, kv_bytes=store.nbytes, config="default"))
+        log(f"[attn] {model} L={L} b={b} {heads}: floor {1e6 * store.nbytes / copy_bw:.1f} us; full SDPA {full_us:.1f} us; "
+            f"default {default_us:.1f} us "
             f"({default_us / full_us:.3f}x); best {best[0]:.1f} us ({best[0] / full_us:.3f}x) {best[1]}")
         store = query = None
         torch.cuda.empty_cache()
@@ -165,7 +180,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "results/gpu"))
     p.add_argument("--rep-ms", type=float, default=40.0)
-    p.add_argument("--parts", default="ops,attention")
+    p.add_argument("--parts", default="ops,attention", help="any of ops, attention, attention-e2e (comma-separated)")
+    p.add_argument("--ops-shapes", default="smollm2,llama8b")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("minikv.gpu.tune needs a CUDA device")
@@ -188,10 +204,17 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     path = os.path.join(args.out, "tune_h200.json")
     if "ops" in parts:
-        out["ops"] = ops_part(device, args.rep_ms, log)
+        out["ops"] = ops_part(device, args.rep_ms, log, args.ops_shapes.split(","))
         json.dump(out, open(path, "w"), indent=1)
-    if "attention" in parts:
-        out["attention"] = attention_part(device, args.rep_ms, log, sm)
+    if "attention" in parts or "attention-e2e" in parts:
+        from .bench import copy_bandwidth
+
+        bw, _ = copy_bandwidth(device, args.rep_ms)
+        out["meta"]["copy_bw"] = bw
+        if "attention" in parts:
+            out["attention"] = attention_part(device, args.rep_ms, log, sm, copy_bw=bw)
+        if "attention-e2e" in parts:
+            out["attention_e2e"] = attention_part(device, args.rep_ms, log, sm, E2E_CASES, "e2e", copy_bw=bw)
     out["meta"]["seconds"] = time.time() - t0
     json.dump(out, open(path, "w"), indent=1)
     log(f"wrote {path} ({time.time() - t0:.0f} s)")
