@@ -129,6 +129,26 @@ def test_padded_attention_matches_reference(q):
     assert rel_err(out, ragged_attention(query, ks, vs, d ** -0.5)) < 1e-5
 
 
+def test_launch_plan_rules():
+    """The plan's three regimes, from host ints only (H200: 132 multiprocessors)."""
+    pytest.importorskip("triton")
+    from minikv.gpu.triton_decode import launch_plan
+
+    bf = torch.bfloat16
+    # SnapKV's SmolLM2 cache at batch 64: 192 equal segments, one wave -> one program each, no merge, 3 stages
+    assert launch_plan(192 * 2112, 2112, 192, 64, bf, 132) == (128, 4, 3, 192 * 2112, 1)
+    assert launch_plan(192 * 2112, 2112, 192, 64, bf, 132, num_stages=2)[2] == 2  # a given setting wins
+    # the same bytes, AdaKV-ragged (longest head 3x the mean): split, merged, 4 programs per SM
+    bn, _, st, chunk, splits = launch_plan(192 * 2112, 3 * 2112, 192, 64, bf, 132)
+    assert (bn, st, chunk) == (128, 2, 768) and splits == -(-3 * 2112 // 768)
+    # too few segments to fill the GPU (Llama-8B shape, batch 8 x 8 KV heads): split even when equal
+    bn, _, _, chunk, splits = launch_plan(64 * 32768, 32768, 64, 128, bf, 132)
+    assert chunk == 2048 and splits == 16, "long chunks: 8 programs per SM for d = 128"
+    _, _, _, chunk, _ = launch_plan(64 * 1024, 1024, 64, 128, bf, 132)
+    assert chunk == 128, "short caches: 4 programs per SM"
+    assert launch_plan(400 * 2112, 2112, 400, 64, bf, 132)[4] > 1, "more than two segments per SM: split"
+
+
 def test_plan_splits_covers_the_longest_segment():
     for n_total, max_len in [(1, 1), (10_000, 9_000), (4_000_000, 131_072)]:
         chunk, splits = layout.plan_splits(n_total, max_len, 64, 1056)

@@ -195,6 +195,32 @@ def fused_merge_default() -> bool:
     return os.environ.get("MINIKV_FUSED_MERGE", "0") == "1"
 
 
+def launch_plan(n_total: int, max_len: int, S: int, d: int, dtype: torch.dtype, sms: int, block_n: int | None = None,
+                num_warps: int | None = None, num_stages: int | None = None, programs: int | None = None):
+    """(block_n, num_warps, num_stages, chunk, num_splits) for S segments holding n_total tokens (longest max_len).
+
+    Host ints only (a CUDA graph passes capacities). Settings not given come from ``CONFIG`` and the sweeps:
+    * ~per_sm programs per multiprocessor; 4 instead of 8 for d = 128 when chunks would be short (< SHORT_CHUNK);
+    * near-equal segments (longest <= 1.25 x mean) that are between 1 and 2 per multiprocessor, d <= 64: one
+      program per segment, no merge, three stages -- every program starts in the first wave and none waits for a
+      merge (SnapKV's SmolLM2 cache at batch 64: 27.7 us instead of 33.4 per layer, results/gpu/NOTES.md).
+    """
+    cfg = config_for(d, dtype)
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    stages_given = num_stages is not None
+    num_stages = num_stages or cfg["num_stages"]
+    if programs is None:
+        programs = cfg["per_sm"] * sms
+        if n_total < SHORT_CHUNK * programs:
+            programs = cfg.get("per_sm_short", cfg["per_sm"]) * sms
+        if sms <= S <= 2 * sms and max_len * S <= 1.25 * n_total and padded_head_dim(d) <= 64:
+            programs = 1
+            num_stages = num_stages if stages_given else 3
+    chunk, num_splits = plan_splits(n_total, max_len, block_n, programs)
+    return block_n, num_warps, num_stages, chunk, num_splits
+
+
 _COUNTERS: dict = {}
 
 
@@ -240,17 +266,10 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     S = starts.numel()
     n_kv = S // b
     G = H // n_kv
-    cfg = config_for(d, k_flat.dtype)
-    block_n = block_n or cfg["block_n"]
-    num_warps = num_warps or cfg["num_warps"]
-    num_stages = num_stages or cfg["num_stages"]
-    if programs is None:
-        sms = _sm_count(query.device.index or 0) if query.is_cuda else 16
-        programs = cfg["per_sm"] * sms
-        if n_total < SHORT_CHUNK * programs:  # short caches (issue-13 sweep): 4 programs per SM did better
-            programs = cfg.get("per_sm_short", cfg["per_sm"]) * sms
+    sms = _sm_count(query.device.index or 0) if query.is_cuda else 16
+    block_n, num_warps, num_stages, chunk, num_splits = launch_plan(
+        n_total, max_len, S, d, k_flat.dtype, sms, block_n, num_warps, num_stages, programs)
     fused = fused_merge_default() if fused is None else fused
-    chunk, num_splits = plan_splits(n_total, max_len, block_n, programs)
     G_PAD = max(16, triton.next_power_of_2(G))
     D_PAD = padded_head_dim(d)
 
