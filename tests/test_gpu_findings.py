@@ -87,5 +87,12 @@ def test_the_committed_issue13_runs_are_readable():
         snap = e2e_row(data, "compressed", "snapkv", 0.75)
         assert snap["ms_per_step"] < e2e_row(data, "static_triton")["ms_per_step"]
         assert e2e_target(data, "snapkv r0.75: step <= 2x floor")["value"] == pytest.approx(snap["x_floor"])
+    final = load_results("decode_graphs_run5/e2e_smollm2.json", here)  # the final code (issue 13, second session)
+    one, two = e2e_row(final, "compressed_s1", "snapkv", 0.75), e2e_row(final, "compressed_s2", "snapkv", 0.75)
+    assert one["streams"] == 1 and two["streams"] == 2 and one["ms_per_step"] < two["ms_per_step"]
+    with pytest.raises(ValueError, match="must name one row"):
+        e2e_row(final, "compressed_ov1", "snapkv", 0.75)  # run 5 did not time the overlapped variant
+    with pytest.raises(ValueError, match="or a variant matching"):
+        e2e_row(final, "compressed_s", "snapkv", 0.75)
     recs = shape_records(load_results("decode_graphs_run1/bench_h200.json", here), 0.75)
     assert all("ragged_graph_two_launch_ms" in r for r in recs)

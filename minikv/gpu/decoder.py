@@ -56,11 +56,6 @@ from .store import FlatStore, _triton_usable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FUSED_MAX_HIDDEN = 0  # ops="auto" picks "fused" up to this hidden size: never -- slower on the H200 (results/gpu/NOTES.md)
-# streams="auto": 2 row groups (each on its own CUDA stream, each reading the weights once) when the weights are at
-# most this share of the KV bytes; else 1. Measured on the H200 (results/gpu/NOTES.md, run 3): SmolLM2 64 x 8k gained
-# 1.7 % (ratio 0.75) and 4.4 % (full cache) from 2 groups, 4 groups gained less; for the Llama-8B shape (weights 15 GB)
-# a second read of the weights costs more than any overlap can give back.
-STREAMS_MAX_WEIGHT_SHARE = 0.125
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +233,7 @@ class StaticDecoder:
 
     def __init__(self, weights: StepWeights, stores: list, position: int, first_ids: torch.Tensor,
                  attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024,
-                 streams: int | str = "auto", overlap: bool = False, attn_programs_per_sm: int | None = None):
+                 streams: int = 1, overlap: bool = False, attn_programs_per_sm: int | None = None):
         if attention not in ("auto", "triton", "sdpa", "torch"):
             raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'torch', got {attention!r}")
         if ops not in ("auto", "triton", "fused", "torch"):
@@ -278,12 +273,8 @@ class StaticDecoder:
         self.use_graph = (dev.type == "cuda") if graph is None else graph
         if self.use_graph and dev.type != "cuda":
             raise ValueError("CUDA graphs need CUDA tensors; pass graph=False on the CPU")
-        if streams == "auto":
-            kv = sum(st.nbytes for st in stores)
-            small = weights.bytes_read(self.b) <= STREAMS_MAX_WEIGHT_SHARE * kv
-            streams = 2 if dev.type == "cuda" and small and self.b >= 2 else 1
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= self.b:
-            raise ValueError(f"streams must be 'auto' or an int from 1 to the batch size {self.b}, got {streams!r}")
+            raise ValueError(f"streams must be an int from 1 to the batch size {self.b}, got {streams!r}")
         self.n_streams = streams
         bounds = [int(t[0]) for t in torch.arange(self.b).tensor_split(streams)] + [self.b]
         self.row_groups = list(zip(bounds[:-1], bounds[1:]))  # rows each stream decodes, e.g. [(0, 32), (32, 64)]

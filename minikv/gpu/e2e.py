@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -340,7 +341,7 @@ def check_decoder(model, dec, n_steps: int, n_rows: int = 4) -> dict:
 
 # -- the rows -----------------------------------------------------------------------------------------
 def decoder_row(model, weights, stores, prefilled, first, attention, args, device, copy_bw, check: bool,
-                ops: str = "auto", streams="auto", overlap: bool = False, attn_programs_per_sm=None):
+                ops: str = "auto", streams: int = 1, overlap: bool = False, attn_programs_per_sm=None):
     from .decoder import StaticDecoder
 
     t0 = time.perf_counter()
@@ -458,15 +459,20 @@ def targets(rows, kind):
     """The issue's targets, evaluated on this run (ratio 0.75 compressed rows)."""
     need = {"smollm2": 3.0, "llama8b": 1.7}.get(kind)
     out = []
+    best = {}  # per press at ratio 0.75: the fastest graph decoder with the default settings or another stream count
     for r in rows:
-        if r["method"] == "compressed" and r.get("ratio") == 0.75 and "ms_per_step" in r:
-            out.append(dict(what=f"{r['press']} r0.75: step <= 2x floor", value=r["x_floor"], met=r["x_floor"] <= 2.0))
-            if need and "x_vs_best_static" in r:
-                out.append(dict(what=f"{r['press']} r0.75: tokens/s >= {need}x best static full cache",
-                                value=r["x_vs_best_static"], met=r["x_vs_best_static"] >= need))
-            if need and "static_sdpa" in r.get("x_vs", {}):
-                out.append(dict(what=f"{r['press']} r0.75: tokens/s >= {need}x static SDPA full cache",
-                                value=r["x_vs"]["static_sdpa"], met=r["x_vs"]["static_sdpa"] >= need))
+        if (r["method"] == "compressed" or re.fullmatch(r"compressed_s\d+", r["method"])) and r.get("ratio") == 0.75 \
+                and "ms_per_step" in r and (r["press"] not in best or r["ms_per_step"] < best[r["press"]]["ms_per_step"]):
+            best[r["press"]] = r
+    for r in best.values():
+        src = dict(row=r["method"], streams=r.get("streams", 1))
+        out.append(dict(what=f"{r['press']} r0.75: step <= 2x floor", value=r["x_floor"], met=r["x_floor"] <= 2.0, **src))
+        if need and "x_vs_best_static" in r:
+            out.append(dict(what=f"{r['press']} r0.75: tokens/s >= {need}x best static full cache",
+                            value=r["x_vs_best_static"], met=r["x_vs_best_static"] >= need, **src))
+        if need and "static_sdpa" in r.get("x_vs", {}):
+            out.append(dict(what=f"{r['press']} r0.75: tokens/s >= {need}x static SDPA full cache",
+                            value=r["x_vs"]["static_sdpa"], met=r["x_vs"]["static_sdpa"] >= need, **src))
     graph_rows = [r for r in rows if r.get("graph") and "spread" in r]
     if graph_rows:
         worst = max(r["spread"] for r in graph_rows)

@@ -19,6 +19,7 @@ are read with ``e2e_row`` and ``e2e_target``; ``print_e2e`` prints one of them a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -81,6 +82,9 @@ def print_records(recs: list[dict], columns: dict) -> None:
 
 
 E2E_METHODS = ("dynamic_eager", "static_sdpa", "static_triton", "compressed", "compressed_eager")
+# the variants runs 3-5 also timed: n row groups on n CUDA streams, overlapped groups (attention at p programs/SM or
+# the default d), and the fused norm + matmul kernels
+E2E_VARIANTS = r"(static_triton|compressed)_(s\d+|ov(d|\d+))|compressed_fused"
 
 
 def e2e_row(data: dict, method: str, press: str = "no_press", ratio: float = 0.0) -> dict:
@@ -88,8 +92,8 @@ def e2e_row(data: dict, method: str, press: str = "no_press", ratio: float = 0.0
     rows = data["rows"]
     if any("method" not in r for r in rows):
         raise ValueError("data must be an end-to-end run with a 'method' per row (issue 13 on); this one has none")
-    if method not in E2E_METHODS:
-        raise ValueError(f"method must be one of {E2E_METHODS}; got {method!r}")
+    if method not in E2E_METHODS and not re.fullmatch(E2E_VARIANTS, method):
+        raise ValueError(f"method must be one of {E2E_METHODS} or a variant matching {E2E_VARIANTS!r}; got {method!r}")
     hits = [r for r in rows if (r["method"], r.get("press"), r.get("ratio")) == (method, press, ratio)]
     if len(hits) != 1:
         have = sorted({(r["method"], r.get("press"), r.get("ratio")) for r in rows})

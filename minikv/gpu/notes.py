@@ -9,7 +9,8 @@ replaces what lies between (NAME: e2e_smollm2, e2e_llama8b, targets, checks, ben
 tune_attention, tune_ops) and
 leaves a block alone when its table cannot be made (say which, on stdout). ``--notes``: the NOTES.md to write
 (default: the folder's own, else results/gpu/NOTES.md). ``--bench``: where the attention benchmark's JSON is
-when the run folder has none (issue-13 run 2 skipped the benchmark: run 1's stays valid).
+when the run folder has none (issue-13 run 2 skipped the benchmark: run 1's stays valid). ``--tune A,B``: folders
+searched after the run's own for ``tune*.json`` sweeps (default: runs 4 and 3).
 """
 
 from __future__ import annotations
@@ -114,10 +115,14 @@ def checks_table(runs) -> str:
 
 
 def targets_table(runs) -> str:
-    lines = ["| model | target | value | met? |", "|---|---|---|---|"]
+    """The targets, evaluated from the rows by ``minikv.gpu.e2e.targets`` (today's rule, whatever the run stored)."""
+    from .e2e import targets
+
+    lines = ["| model | target | measured in row | value | met? |", "|---|---|---|---|---|"]
     for name, data in runs:
-        for t in data.get("targets", []):
-            lines.append(f"| {name} | {t['what']} | {t['value']:.3f} | {'**met**' if t['met'] else '**missed**'} |")
+        for t in targets(data["rows"], data["meta"]["model_kind"]):
+            where = "–" if "row" not in t else f"`{t['row']}`, {t['streams']} stream{'s' if t['streams'] > 1 else ''}"
+            lines.append(f"| {name} | {t['what']} | {where} | {t['value']:.3f} | {'**met**' if t['met'] else '**missed**'} |")
     return "\n".join(lines)
 
 
@@ -167,7 +172,7 @@ def _bench_json(folders):
     return None
 
 
-def tables(folder, bench_folder=None) -> dict:
+def tables(folder, bench_folder=None, tune_folders=None) -> dict:
     out = {}
     runs = []
     for kind in ("smollm2", "llama8b"):
@@ -182,13 +187,17 @@ def tables(folder, bench_folder=None) -> dict:
     if runs:
         out["targets"] = targets_table(runs)
         out["checks"] = checks_table(runs)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.startswith("tune") and name.endswith(".json"):
-            tune = _load(folder, name)
+    for fld in [folder] + list(tune_folders or []):  # the run's own sweeps first, then earlier runs'
+        for name in sorted(os.listdir(fld)) if os.path.isdir(fld) else []:
+            if not (name.startswith("tune") and name.endswith(".json")):
+                continue
+            tune, src = _load(fld, name), f"(from `{os.path.join(fld, name)}`)\n\n"
             if tune.get("attention") and "tune_attention" not in out:
-                out["tune_attention"] = f"(from `{name}`)\n\n" + tune_attention_table(tune)
+                out["tune_attention"] = src + tune_attention_table(tune)
+            if tune.get("attention_e2e") and "tune_attention_e2e" not in out:
+                out["tune_attention_e2e"] = src + tune_attention_table(tune, "attention_e2e")
             if tune.get("ops") and "tune_ops" not in out:
-                out["tune_ops"] = f"(from `{name}`)\n\n" + tune_ops_table(tune)
+                out["tune_ops"] = src + tune_ops_table(tune)
     path = _bench_json([folder, bench_folder])
     if path is not None:
         with open(path) as f:
@@ -199,21 +208,26 @@ def tables(folder, bench_folder=None) -> dict:
     return out
 
 
-def tune_attention_table(data) -> str:
-    """``python -m minikv.gpu.tune``'s attention part: the default plan and the best of the sweep, vs full SDPA."""
-    rows = data.get("attention", [])
-    cases = sorted({(r["model"], r["L"], r["b"]) for r in rows if "us" in r}, key=lambda c: (c[0], c[1], c[2]))
-    lines = ["| model | L | b | full SDPA µs | default µs | default / full | ≤ 0.3? | best of sweep µs | best / full | best settings |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def tune_attention_table(data, key="attention") -> str:
+    """``python -m minikv.gpu.tune``'s attention part: the default plan and the best of the sweep, vs full SDPA.
+
+    The floor column: the compressed store's bytes at the copy bandwidth of the same run (runs that measured it)."""
+    rows = data.get(key, [])
+    bw = data.get("meta", {}).get("copy_bw")
+    case = lambda r: (r["model"], r["L"], r["b"], r.get("heads", "adakv"))
+    cases = sorted({case(r) for r in rows if "us" in r})
+    lines = ["| model | L | b | heads | floor µs | full SDPA µs | default µs | default / full | ≤ 0.3? | best of sweep µs | "
+             "best / full | best settings |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
-        rs = [r for r in rows if (r["model"], r["L"], r["b"]) == c and "us" in r]
+        rs = [r for r in rows if case(r) == c and "us" in r]
         dflt = next((r for r in rs if r.get("config") == "default"), None)
         best = min((r for r in rs if "fused" in r), key=lambda r: r["us"])
         full = best["full_us"]
-        cfg = ", ".join(f"{k}={best[k]}" for k in ("fused", "block_n", "num_stages", "programs"))
+        cfg = ", ".join(f"{k}={best[k]}" for k in ("fused", "block_n", "num_stages", "num_warps", "programs") if k in best)
         d_us = None if dflt is None else dflt["us"]
         ok = "–" if d_us is None else ("yes" if d_us <= 0.3 * full else "**no**")
-        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {full:.1f} | {_f(d_us, '.1f')} | "
+        floor = None if not bw else 1e6 * best["kv_bytes"] / bw
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {_f(floor, '.1f')} | {full:.1f} | {_f(d_us, '.1f')} | "
                      f"{_f(None if d_us is None else d_us / full, '.3f')} | {ok} | {best['us']:.1f} | {best['us'] / full:.3f} | {cfg} |")
     return "\n".join(lines)
 
@@ -249,9 +263,11 @@ def _option(argv, name):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    values = {_option(argv, o) for o in ("--notes", "--bench")}
+    values = {_option(argv, o) for o in ("--notes", "--bench", "--tune")}
     folder = next((a for a in argv if not a.startswith("--") and a not in values), "results/gpu")
-    made = tables(folder, _option(argv, "--bench") or "results/gpu/decode_graphs_run1")
+    tune = _option(argv, "--tune")
+    tune_folders = tune.split(",") if tune else ["results/gpu/decode_graphs_run4", "results/gpu/decode_graphs_run3"]
+    made = tables(folder, _option(argv, "--bench") or "results/gpu/decode_graphs_run1", tune_folders)
     if "--write" in argv:
         path = _option(argv, "--notes") or os.path.join(folder, "NOTES.md")
         if not os.path.exists(path) and "--notes" not in argv:
