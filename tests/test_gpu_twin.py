@@ -305,3 +305,20 @@ def test_twin_equals_the_real_kernel_on_cuda(d, dtype, tol, fused):
     mine = twin.flat_decode_attention(q, k, v, *host, **sizes)
     real = flat_decode_attention(q.cuda(), k.cuda(), v.cuda(), *(t.cuda() for t in host), **sizes)
     assert rel_err(real.cpu(), mine) < tol
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pending_counts_the_token_written_past_each_length(fused):
+    """pending=1 (the decoder's ops="fused": k, v written before the lengths move on) = the same cache counted."""
+    store, ks, vs, query = ragged_layer(2, 3, 2, 90, 16, seed=11, appended=2)
+    d = query.shape[-1]
+    counted = store.lengths.reshape(-1)
+    ref = twin.decode_parts(query, store.k_flat, store.v_flat, store.starts, counted, d ** -0.5, store.n_total,
+                            store.max_len, block_n=16, programs=12, fused=fused)[0]
+    short = counted - 1  # the last appended token is in the buffer, not in the lengths
+    got = twin.decode_parts(query, store.k_flat, store.v_flat, store.starts, short, d ** -0.5, store.n_total,
+                            store.max_len, block_n=16, programs=12, fused=fused, pending=1)[0]
+    assert torch.equal(got, ref)
+    without = twin.decode_parts(query, store.k_flat, store.v_flat, store.starts, short, d ** -0.5, store.n_total,
+                                store.max_len, block_n=16, programs=12, fused=fused)[0]
+    assert not torch.allclose(without, ref), "leaving the token out must change the output"

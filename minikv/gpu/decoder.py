@@ -33,15 +33,20 @@ The small ops (norm, RoPE + append, SiLU * up) are fused Triton kernels on CUDA 
 plain PyTorch elsewhere (``ops="torch"``; defined below, the tests compare the two). ``ops="fused"``
 goes further for small models (``minikv.gpu.triton_fused``): the norm is folded into the q/k/v matmul,
 which also applies RoPE and appends k, v; and into the gate/up matmul, which also applies SiLU * up --
-5 launches per layer instead of 9:
+5 launches per layer instead of 9 (attention included):
 
     q, x  = norm_qkv_rope(x, mlp_prev, ...)          # k, v written at each segment's end (not counted yet)
     a     = attention(q, store, pending=1)           # counts the written token
     act, x = norm_gate_up(x, a @ W_o^T, ..., bump=lengths)   # lengths += 1
     mlp_prev = act @ W_down^T
 
-``ops="auto"``: "fused" on CUDA when the hidden size is at most ``FUSED_MAX_HIDDEN`` (the matmuls are
-small enough that launches set their time), "triton" above it (cuBLAS for the big matmuls).
+Measured on the H200 (results/gpu/NOTES.md, runs 3-4) it is *slower* than ``ops="triton"`` (23.4-23.7 against
+20.1 us per SmolLM2 layer): a Triton matmul of 64 rows that normalises them first waits on memory per K block, where
+cuBLAS streams its tiles. So ``ops="auto"`` means "triton" on CUDA and "torch" elsewhere; "fused" stays an option.
+
+``streams=n`` splits the batch into n row groups, each decoded on its own CUDA stream inside the graph (measured:
++1.8 % for SmolLM2 before the attention plan took one wave per layer, a loss after it); ``overlap=True`` interleaves
+the groups layer by layer by hand (measured slower). Both are options; the default is one stream.
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ import torch.nn.functional as F
 from .store import FlatStore, _triton_usable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-FUSED_MAX_HIDDEN = 0  # ops="auto" picks "fused" up to this hidden size: never -- slower on the H200 (results/gpu/NOTES.md)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,8 +266,6 @@ class StaticDecoder:
                              "(FlatStore.uniform / empty_uniform)")
         if ops == "auto":
             ops = "triton" if dev.type == "cuda" and _triton_importable() else "torch"
-            if ops == "triton" and weights.hidden <= FUSED_MAX_HIDDEN:
-                ops = "fused"
         if ops in ("triton", "fused") and not _triton_importable():
             raise ValueError(f"ops={ops!r} needs Triton; use ops='torch'")
         if ops in ("triton", "fused") and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

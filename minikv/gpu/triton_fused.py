@@ -18,9 +18,14 @@ The norm is recomputed by every program from the rows it reads (a few hundred kB
 SmolLM2); the program whose column block is 0 writes the residual sum x + res for the next kernel.
 Every value is rounded where PyTorch rounds (x + res, the normalised row, times the weight, the
 matmul's output, each RoPE product and their sum, silu, the product), so ``ops="fused"`` gives the
-same numbers as ``ops="triton"`` up to the order of fp32 sums. The large matmuls of big models
-(Llama-3.1-8B: 50-235 MB per matrix) stay with cuBLAS (``ops="triton"``): there the bytes, not the
-launches, set the time.
+same numbers as ``ops="triton"`` up to the order of fp32 sums.
+
+Measured on the H200 (results/gpu/NOTES.md, ``python -m minikv.gpu.tune``): **slower**, so not the default.
+One SmolLM2 layer at batch 64: 23.7 us (23.4 with the K loop unrolled) against 20.1 us for the 8 launches it
+replaces; end to end 2.29-2.42 ms per step against 1.88. The launches saved cost ~1 us each, and a program here
+waits on memory for every K block twice (the norm's sum of squares, then the matmul), where cuBLAS keeps its tiles
+streaming. For the Llama-3.1-8B shape (50-235 MB per matrix) the bytes set the time and cuBLAS reads them faster
+(239 against 121 us per layer). Kept as a tested option and as the measured reason for ``ops="triton"``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Two parts, GPU time from CUDA graphs (``triton.testing.do_bench_cudagraph``, med
 1. ``ops``: every op of one SmolLM2 layer at batch 64 (random bf16 weights of the real shapes), one by
    one: the 9-launch step (``ops="triton"``) and the fused kernels of ``minikv.gpu.triton_fused``
    (``ops="fused"``) over a small grid of tile sizes; and the same two matmuls at the Llama-3.1-8B shape
-   (batch 8) to see where fusing stops paying (``decoder.FUSED_MAX_HIDDEN``).
+   (batch 8) to see whether fusing pays at either size.
 2. ``attention``: the attention kernel's split plan on small caches (ratio 0.75, AdaKV-shaped heads
    as in ``minikv bench``) and on one layer of the end-to-end SmolLM2 cache: how many programs to aim
    for (``programs``, incl. one chunk per segment), fused or two-launch merge, tile length and stages,

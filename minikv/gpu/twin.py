@@ -133,9 +133,9 @@ def merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits, G, D, D_PAD, SP
 
 
 def split_kernel(seg, split, Q, K, V, Starts, Lengths, Out, OutPart, LsePart, Counter,
-                 scale_log2, chunk, num_splits, G, G_PAD, D, D_PAD, BLOCK_N, SPLIT_BLOCK, IEEE, FUSED_MERGE):
+                 scale_log2, chunk, num_splits, G, G_PAD, D, D_PAD, BLOCK_N, SPLIT_BLOCK, IEEE, FUSED_MERGE, PENDING):
     """One program of ``_split_kernel``: chunk ``split`` of segment ``seg``."""
-    length = load(Lengths + seg)
+    length = load(Lengths + seg) + PENDING  # PENDING = 1: a token written at the end, not yet counted
     lo = split * chunk
     g = torch.arange(0, G_PAD)  # query heads of this group (padded, as tl.dot wants >= 16 rows on the GPU)
     dims = torch.arange(0, D_PAD)  # head dims (padded to a power of two)
@@ -187,9 +187,9 @@ def split_kernel(seg, split, Q, K, V, Starts, Lengths, Out, OutPart, LsePart, Co
                     atomic_xchg(Counter + seg, 0)  # ready for the next launch
 
 
-def merge_kernel(seg, OutPart, LsePart, Lengths, Out, chunk, num_splits, G, D, D_PAD, SPLIT_BLOCK):
+def merge_kernel(seg, OutPart, LsePart, Lengths, Out, chunk, num_splits, G, D, D_PAD, SPLIT_BLOCK, PENDING):
     """One program of ``_merge_kernel`` (the unfused merge): one-chunk segments are already done."""
-    length = load(Lengths + seg)
+    length = load(Lengths + seg) + PENDING
     n_used = (length + chunk - 1) // chunk
     if n_used > 1:
         merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits, G, D, D_PAD, SPLIT_BLOCK)
@@ -227,14 +227,16 @@ def _check(query, k_flat, starts, lengths, block_n, programs):
 
 
 def decode_parts(query, k_flat, v_flat, starts, lengths, scaling: float, n_total: int, max_len: int,
-                 block_n: int = 128, programs: int = 64, fused: bool = True, order: torch.Generator | None = None):
+                 block_n: int = 128, programs: int = 64, fused: bool = True, order: torch.Generator | None = None,
+                 pending: int = 0):
     """The kernel, keeping what its chunks wrote: (out, out_part, lse_part, chunk, num_splits).
 
     out (b, H, 1, d); out_part (S, num_splits, G, d): each chunk's own softmax-weighted values; lse_part
     (S, num_splits, G): each chunk's log2-sum-exp2 of its logits. Segments that fit in one chunk write no
     partials (their slots stay NaN here), nor do chunks past a segment's end. block_n and programs play the
     kernel's roles (on a non-CUDA device the kernel aims for 64 programs); fused=False merges in a second
-    launch; order shuffles the programs (see ``launch``).
+    launch; order shuffles the programs (see ``launch``); pending=1 counts one token past each length (the
+    decoder's ``ops="fused"`` writes it before the lengths move on).
     """
     _check(query, k_flat, starts, lengths, block_n, programs)
     b, H, _, d = query.shape
@@ -253,10 +255,10 @@ def decode_parts(query, k_flat, v_flat, starts, lengths, scaling: float, n_total
     ieee = k_flat.dtype == torch.float32
     launch(split_kernel, (S, num_splits), Ptr(q), Ptr(k_flat), Ptr(v_flat), Ptr(starts), Ptr(lengths), Ptr(out),
            Ptr(out_part), Ptr(lse_part), Ptr(counter), scaling * LOG2E, chunk, num_splits,
-           G, G_PAD, d, D_PAD, block_n, SPLIT_BLOCK, ieee, fused, order=order)
+           G, G_PAD, d, D_PAD, block_n, SPLIT_BLOCK, ieee, fused, pending, order=order)
     if not fused and num_splits > 1:
         launch(merge_kernel, (S,), Ptr(out_part), Ptr(lse_part), Ptr(lengths), Ptr(out), chunk, num_splits,
-               G, d, D_PAD, SPLIT_BLOCK, order=order)
+               G, d, D_PAD, SPLIT_BLOCK, pending, order=order)
     if counter.any():  # every merge resets its counter: a non-zero one means a segment was never merged
         raise RuntimeError(f"merge counters not reset: {counter.tolist()}")
     return out, out_part, lse_part, chunk, num_splits
