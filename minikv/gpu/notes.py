@@ -10,7 +10,7 @@ tune_attention, tune_ops) and
 leaves a block alone when its table cannot be made (say which, on stdout). ``--notes``: the NOTES.md to write
 (default: the folder's own, else results/gpu/NOTES.md). ``--bench``: where the attention benchmark's JSON is
 when the run folder has none (issue-13 run 2 skipped the benchmark: run 1's stays valid). ``--tune A,B``: folders
-searched after the run's own for ``tune*.json`` sweeps (default: runs 4 and 3).
+searched after the run's own for ``tune*.json`` sweeps (default: runs 3 and 4).
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     values = {_option(argv, o) for o in ("--notes", "--bench", "--tune")}
     folder = next((a for a in argv if not a.startswith("--") and a not in values), "results/gpu")
     tune = _option(argv, "--tune")
-    tune_folders = tune.split(",") if tune else ["results/gpu/decode_graphs_run4", "results/gpu/decode_graphs_run3"]
+    tune_folders = tune.split(",") if tune else ["results/gpu/decode_graphs_run3", "results/gpu/decode_graphs_run4"]
     made = tables(folder, _option(argv, "--bench") or "results/gpu/decode_graphs_run1", tune_folders)
     if "--write" in argv:
         path = _option(argv, "--notes") or os.path.join(folder, "NOTES.md")
