@@ -172,6 +172,18 @@ def test_projected_value_norm_by_hand():
                 torch.testing.assert_close(n[b, k, i], sum(per_head) / 2)
 
 
+@pytest.mark.parametrize("max_elements", [1, 7 * 2 * 2 * 2, 10 ** 9])  # 1 token, 2 tokens, everything at once
+def test_projected_value_norm_in_token_chunks(monkeypatch, max_elements):
+    """Bounding the (b, n_kv, tokens, hidden) temporary changes nothing but memory."""
+    import minikv.policies.critical as critical
+
+    values = torch.randn(2, 2, 5, 3)
+    o_proj = torch.randn(7, 4 * 3)
+    whole = projected_value_norm(values, o_proj)
+    monkeypatch.setattr(critical, "MAX_TEMP_ELEMENTS", max_elements)
+    torch.testing.assert_close(critical.projected_value_norm(values, o_proj), whole, rtol=1e-6, atol=1e-6)
+
+
 def test_critical_keeps_low_attention_token_with_large_value():
     """A token SnapKV ranks just below the cut, but whose value moves the output a lot."""
     torch.manual_seed(0)

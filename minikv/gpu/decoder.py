@@ -655,9 +655,11 @@ def prefill_to_stores(model, input_ids: torch.Tensor, reserve: int = 64, n_queri
 def select_rows_per_chunk(prefilled: Prefilled, press, model, max_bytes: float = 2 ** 31) -> int:
     """Batch rows a press selects from at once so that its largest float32 temporary stays under ``max_bytes``.
 
-    CriticalKV's ``||v W_o||_1`` builds (rows, n_kv, L, hidden) in float32 (minikv.policies.critical): for
-    Llama-3.1-8B at b = 8, L = 32k that is 32 GiB at once. Every press here selects each batch row on its own
-    (scores, AdaKV budgets and top-k are per row), so selecting a few rows at a time gives the same masks.
+    CriticalKV's ``||v W_o||_1`` is a (rows, n_kv, L, hidden) float32 product: for Llama-3.1-8B at b = 8, L = 32k,
+    32 GiB if built at once (issue-13 run 1 ran out of memory). ``minikv.policies.critical`` now computes it a few
+    tokens at a time (``MAX_TEMP_ELEMENTS``); selecting a few rows at a time also bounds the other (rows, n_kv, L)
+    temporaries. Every press here selects each batch row on its own (scores, AdaKV budgets and top-k are per row),
+    so selecting a few rows at a time gives the same masks.
     """
     s0 = prefilled.stores[0]
     hidden = model.config.hidden_size

@@ -21,6 +21,9 @@ from .adakv import adakv_budgets
 from .base import Press, topk_mask, topk_mask_per_head
 
 
+MAX_TEMP_ELEMENTS = 2 ** 26  # float32 elements of v W_o held at once (256 MB; an 8B model at 8 x 32k needed 32 GiB)
+
+
 def projected_value_norm(values: torch.Tensor, o_proj: torch.Tensor) -> torch.Tensor:
     """N[b, k, i] = mean_{h in group k} || values[b, k, i] @ W_o[h] ||_1.
 
@@ -36,10 +39,14 @@ def projected_value_norm(values: torch.Tensor, o_proj: torch.Tensor) -> torch.Te
     g = H // n_kv
     # column block h of o_proj maps head h's d outputs into the hidden state
     w_o = o_proj.float().T.reshape(n_kv, g, d, hidden)  # (n_kv, g, d, hidden)
+    step = max(1, MAX_TEMP_ELEMENTS // (b * n_kv * hidden))  # tokens at a time: (b, n_kv, step, hidden) float32
     norms = []
-    for j in range(g):  # one query head of each group at a time keeps memory at (b, n_kv, L, hidden)
-        v_wo = values.float() @ w_o[None, :, j]  # (b, n_kv, L, hidden)
-        norms.append(v_wo.abs().sum(dim=-1))  # (b, n_kv, L): L1 norm over hidden
+    for j in range(g):  # one query head of each group at a time
+        parts = []
+        for t0 in range(0, L, step):
+            v_wo = values[:, :, t0:t0 + step].float() @ w_o[None, :, j]  # (b, n_kv, <= step, hidden)
+            parts.append(v_wo.abs().sum(dim=-1))  # L1 norm over hidden
+        norms.append(torch.cat(parts, dim=-1))  # (b, n_kv, L)
     return torch.stack(norms).mean(dim=0)  # (b, n_kv, L)
 
 
