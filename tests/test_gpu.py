@@ -149,6 +149,43 @@ def test_launch_plan_rules():
     assert launch_plan(400 * 2112, 2112, 400, 64, bf, 132)[4] > 1, "more than two segments per SM: split"
 
 
+def test_e2e_variant_options():
+    from minikv.gpu.e2e import parse_variants
+
+    streams, overlaps = parse_variants("1, 2,4", "d,2")
+    assert streams == [1, 2, 4] and [p for p, _ in overlaps] == ["d", "2"]
+    assert overlaps[1][1] == dict(streams=2, overlap=True, attn_programs_per_sm=2)
+    assert overlaps[0][1]["attn_programs_per_sm"] is None and parse_variants("", "") == ([], [])
+    for bad in ("0", "two", "1,-2", "1.5"):
+        with pytest.raises(ValueError, match="--stream-variants must be comma-separated positive ints"):
+            parse_variants(bad, "")
+    for bad in ("x", "0", "d,1.5"):
+        with pytest.raises(ValueError, match="--overlap-variants must be comma-separated 'd' or positive ints"):
+            parse_variants("", bad)
+
+
+def test_fused_kernels_and_pending_refuse_bad_input():
+    pytest.importorskip("triton")
+    from minikv.gpu import triton_fused as tf
+    from minikv.gpu.triton_decode import flat_decode_attention
+
+    x, w = torch.zeros(4, 32), torch.ones(32)
+    with pytest.raises(ValueError, match=r"x must be \(rows, hidden\)"):
+        tf.norm_gate_up(x[None], None, w, 1e-5, torch.zeros(8, 32), None)
+    with pytest.raises(ValueError, match="res must have x's shape"):
+        tf.norm_gate_up(x, x[:2], w, 1e-5, torch.zeros(8, 32), None)
+    with pytest.raises(ValueError, match=r"ln_w must have shape \(32,\)"):
+        tf.norm_gate_up(x, None, w[:5], 1e-5, torch.zeros(8, 32), None)
+    with pytest.raises(ValueError, match=r"w_gu must have shape \(2 I, 32\)"):
+        tf.norm_gate_up(x, None, w, 1e-5, torch.zeros(8, 31), None)
+    with pytest.raises(ValueError, match=r"w_qkv must have shape \(128, 32\)"):
+        tf.norm_qkv_rope(x, None, w, 1e-5, torch.zeros(127, 32), None, None, None, None, None, None, None, None, 2, 1, 32)
+    store, q = FlatStore.from_selection(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.ones(1, 1, 4, dtype=torch.bool)), torch.zeros(1, 2, 1, 16)
+    for bad in (2, -1, True):
+        with pytest.raises(ValueError, match="pending must be 0 or 1"):
+            flat_decode_attention(q, store.k_flat, store.v_flat, store.starts, store._lengths, 0.25, 4, 4, pending=bad)
+
+
 def test_plan_splits_covers_the_longest_segment():
     for n_total, max_len in [(1, 1), (10_000, 9_000), (4_000_000, 131_072)]:
         chunk, splits = layout.plan_splits(n_total, max_len, 64, 1056)
@@ -424,6 +461,9 @@ def test_static_decoder_refuses_what_it_cannot_run():
             StaticDecoder(w, pre.stores, 20, first, streams=bad)
     with pytest.raises(ValueError, match="overlap=True interleaves row groups: it needs streams >= 2"):
         StaticDecoder(w, pre.stores, 20, first, streams=1, overlap=True)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="overlap must be True or False"):
+            StaticDecoder(w, pre.stores, 20, first, streams=2, overlap=bad)
     for bad in (0, -2, 1.5, True, "4"):
         with pytest.raises(ValueError, match="attn_programs_per_sm must be None or a positive int"):
             StaticDecoder(w, pre.stores, 20, first, attn_programs_per_sm=bad)

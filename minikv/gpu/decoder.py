@@ -281,6 +281,8 @@ class StaticDecoder:
         bounds = [int(t[0]) for t in torch.arange(self.b).tensor_split(streams)] + [self.b]
         self.row_groups = list(zip(bounds[:-1], bounds[1:]))  # rows each stream decodes, e.g. [(0, 32), (32, 64)]
         self.cuda_streams = [torch.cuda.Stream(device=dev) for _ in self.row_groups] if dev.type == "cuda" and streams > 1 else []
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         if overlap and streams < 2:
             raise ValueError("overlap=True interleaves row groups: it needs streams >= 2")
         self.overlap = bool(overlap)

@@ -484,6 +484,21 @@ def targets(rows, kind):
     return out
 
 
+def parse_variants(stream_variants: str, overlap_variants: str):
+    """'1,2' and 'd,1,2' -> ([1, 2], [(p, decoder kwargs), ...]); a clear error for anything else."""
+    streams, overlaps = [], []
+    for n in (x.strip() for x in stream_variants.split(",") if x.strip()):
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--stream-variants must be comma-separated positive ints (e.g. 1,2,4), got {stream_variants!r}")
+        streams.append(int(n))
+    for p in (x.strip() for x in overlap_variants.split(",") if x.strip()):
+        if p != "d" and (not p.isdigit() or int(p) < 1):
+            raise ValueError(f"--overlap-variants must be comma-separated 'd' or positive ints (programs per SM), "
+                             f"got {overlap_variants!r}")
+        overlaps.append((p, dict(streams=2, overlap=True, attn_programs_per_sm=None if p == "d" else int(p))))
+    return streams, overlaps
+
+
 def run(args) -> int:
     from ..registry import get_press
     from .decoder import StepWeights, compressed_stores, prefill_to_stores
@@ -596,9 +611,7 @@ def run(args) -> int:
     for method, attention in (("static_sdpa", "sdpa"), ("static_triton", kernel)):
         add(lambda: decoder_row(model, weights, pre.stores, pre, first, attention, args, device, copy_bw, check=True),
             method=method, press="no_press", ratio=0.0)
-    stream_variants = [int(n) for n in args.stream_variants.split(",") if n]
-    overlap_variants = [(p, dict(streams=2, overlap=True, attn_programs_per_sm=None if p == "d" else int(p)))
-                        for p in args.overlap_variants.split(",") if p]
+    stream_variants, overlap_variants = parse_variants(args.stream_variants, args.overlap_variants)
     for n in stream_variants:  # the strongest baseline we have, with every number of streams tried
         add(lambda n=n: decoder_row(model, weights, pre.stores, pre, first, kernel, args, device, copy_bw, check=False,
                                     streams=n), method=f"static_triton_s{n}", press="no_press", ratio=0.0)

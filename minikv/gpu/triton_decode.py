@@ -263,6 +263,8 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     if not kernel_supports(d, k_flat.dtype):
         raise ValueError(f"flat_decode_attention supports head dims 1..256 in float16/bfloat16/float32, got head dim "
                          f"{d} in {k_flat.dtype}; FlatStore.attend uses its PyTorch path for these")
+    if pending not in (0, 1) or isinstance(pending, bool):
+        raise ValueError(f"pending must be 0 or 1 (tokens written past each length, not yet counted), got {pending!r}")
     S = starts.numel()
     n_kv = S // b
     G = H // n_kv

@@ -167,6 +167,15 @@ def _norm_gate_up_kernel(X, R, LnW, Sum, W, Bias, Out, Bump, M, K: tl.constexpr,
                 tl.store(Bump + idx, tl.load(Bump + idx, mask=ok, other=0) + 1, mask=ok)
 
 
+def _check_rows(x, res, ln_w):
+    if x.dim() != 2:
+        raise ValueError(f"x must be (rows, hidden), got shape {tuple(x.shape)}")
+    if res is not None and res.shape != x.shape:
+        raise ValueError(f"res must have x's shape {tuple(x.shape)}, got {tuple(res.shape)}")
+    if ln_w.shape != (x.shape[1],):
+        raise ValueError(f"ln_w must have shape ({x.shape[1]},), got {tuple(ln_w.shape)}")
+
+
 def _block_m(M: int) -> int:
     return min(64, max(16, triton.next_power_of_2(M)))
 
@@ -179,6 +188,7 @@ def norm_qkv_rope(x, res, ln_w, eps, w_qkv, b_qkv, pos, cos_table, sin_table, k_
     ``lengths`` is read, not changed: the attention after it must count one more token (``pending=1``) and
     ``norm_gate_up(..., bump=lengths)`` moves them on. ``res`` None: no residual add (the sum is x).
     """
+    _check_rows(x, res, ln_w)
     M, K = x.shape
     if w_qkv.shape != ((H + 2 * n_kv) * d, K):
         raise ValueError(f"w_qkv must have shape ({(H + 2 * n_kv) * d}, {K}) for H={H}, n_kv={n_kv}, d={d}, "
@@ -201,6 +211,7 @@ def norm_gate_up(x, res, ln_w, eps, w_gu, b_gu, bump: torch.Tensor | None = None
 
     ``bump``: a lengths tensor moved on by one (the layer's new token, appended by ``norm_qkv_rope``).
     """
+    _check_rows(x, res, ln_w)
     M, K = x.shape
     two_i = w_gu.shape[0]
     if w_gu.shape[1] != K or two_i % 2:
