@@ -8,51 +8,14 @@
 # valid -- this run changes no kernel. Every part runs under its own time limit inside one overall budget
 # (TOTAL_S, default 275 s), and a part that fails or times out does not stop the next. Everything lands in $OUT --
 # 5 files, the most that comes back is 8:  summary.txt  test_gpu_h200.txt  e2e_smollm2.json  e2e_llama8b.json  e2e_log.txt
-set -u
-OUT=${OUT:-/tmp/minikv_out}
-mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-PY=${PYTHON:-python3}
 TOTAL=${TOTAL_S:-275}
-START=$(date +%s)
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
+. "$(dirname "$0")/gpu_run_lib.sh"  # OUT, say, part, header, gpu_tests, finish
 
-say() { echo "$*" | tee -a "$SUMMARY"; }
-left() { echo $(( TOTAL - ($(date +%s) - START) )); }
-
-# part NAME CAP LATER LOG CMD...: run CMD (stdout+stderr appended to LOG) for at most CAP seconds, leaving LATER
-# seconds for the parts after it; SIGINT first (Python saves what it has), SIGKILL 15 s later.
-part() {
-  local name=$1 cap=$2 later=$3 log=$4
-  shift 4
-  local limit=$(( $(left) - later ))
-  [ "$limit" -gt "$cap" ] && limit=$cap
-  if [ "$limit" -lt 30 ]; then
-    say "SKIPPED $name: only $limit s left for it"
-    return
-  fi
-  local t0=$(date +%s)
-  echo "=== $name (limit $limit s) $(date -u +%H:%M:%S)" >> "$log"
-  timeout --signal=INT --kill-after=15 "$limit" "$@" >> "$log" 2>&1
-  local rc=$?
-  local verdict=ok
-  [ "$rc" -ne 0 ] && verdict=FAILED
-  [ "$rc" -eq 124 ] && verdict="TIMED OUT"
-  say "$name: $verdict (rc $rc), $(( $(date +%s) - t0 )) s of $limit s"
-}
-
-say "minikv issue 13 device run, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >> "$SUMMARY" 2>&1 || say "nvidia-smi failed"
-$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__, '| gpu', torch.cuda.get_device_name())" >> "$SUMMARY" 2>&1 \
-  || say "python environment check FAILED"
+header "minikv issue 13 device run"
 
 # (a) tests: the CUDA tests only (Triton kernels, any head dim, fused merge, step kernels, CUDA-graph decoder);
 #     4 processes when pytest-xdist is there (most of the time is compiling Triton kernels)
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-part "tests" 55 205 "$OUT/test_gpu_h200.txt" $PY -m pytest -q -rA -p no:cacheprovider -m gpu $XDIST tests/test_gpu.py
-grep -E "passed|failed|error" "$OUT/test_gpu_h200.txt" | tail -1 | sed 's/^/  tests: /' | tee -a "$SUMMARY"
+gpu_tests 55 205
 
 # (b) end to end, SmolLM2 (real weights), batch 64 x 8k, every row (5 repeats: run 1's spreads were <= 1%);
 #     fp32 check on 4 rows x 6 steps
@@ -68,8 +31,4 @@ fi
 part "e2e llama8b" 105 0 "$OUT/e2e_log.txt" $PY -m minikv.gpu.e2e --model-kind llama8b --ratios 0.75,0.875 \
   --repeats 5 --check-steps 6 --check-rows 2 --budget-s 75 --out "$OUT"
 
-# the tables NOTES.md shows, from the JSON just written
-echo >> "$SUMMARY"
-$PY -m minikv.gpu.notes "$OUT" --bench results/gpu/decode_graphs_run1 >> "$SUMMARY" 2>&1 || say "notes tables FAILED"
-say "total $(( $(date +%s) - START )) s"
-ls -la "$OUT" >> "$SUMMARY"
+finish
