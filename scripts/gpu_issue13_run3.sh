@@ -14,8 +14,7 @@ TOTAL=${TOTAL_S:-400}
 
 header "minikv issue 13 device run 3"
 
-# (a) tests: the CUDA tests only (Triton kernels, any head dim, fused merge, step kernels, CUDA-graph decoder);
-#     4 processes when pytest-xdist is there (most of the time is compiling Triton kernels)
+# (a) tests: the CUDA tests only (Triton kernels, any head dim, fused merge, step kernels, CUDA-graph decoder)
 gpu_tests 70 320
 
 # (b) end to end, SmolLM2 (real weights), batch 64 x 8k, every row (5 repeats: run 1's spreads were <= 1%);

@@ -15,8 +15,7 @@ TOTAL=${TOTAL_S:-430}
 
 header "minikv issue 13 device run 4"
 
-# (a) tests: the CUDA tests only (Triton kernels, any head dim, fused merge, step kernels, CUDA-graph decoder);
-#     4 processes when pytest-xdist is there (most of the time is compiling Triton kernels)
+# (a) tests: the CUDA tests only (Triton kernels, any head dim, fused merge, step kernels, CUDA-graph decoder)
 gpu_tests 80 320
 
 # (b) the small ops and the attention grid of one SmolLM2 layer

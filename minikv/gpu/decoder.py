@@ -188,7 +188,6 @@ class StepWeights:
         self.tied = self.lm_head.data_ptr() == self.embed.data_ptr()
         self.rotary = base.rotary_emb
         self.vocab = self.lm_head.shape[0]
-        self.hidden = self.embed.shape[1]
 
     def bytes_read(self, b: int) -> int:
         """Bytes of weights one step reads: every matrix and norm once, and b rows of the embedding."""
@@ -218,8 +217,6 @@ class _Rows:
     v_flat: torch.Tensor
     starts: torch.Tensor  # (S_g,) the group's segments
     lengths: torch.Tensor  # (S_g,) a view of the store's lengths: moving these moves the store's
-    b: int
-    n_kv: int
     plan: tuple  # (slots in all, longest capacity) of the group: the attention kernel's grid
     slots: torch.Tensor  # (C,) 0 .. longest capacity - 1 (the masks of the PyTorch paths)
     rows: torch.Tensor | None  # (S_g, C) buffer rows, attention="torch"
@@ -333,7 +330,7 @@ class StaticDecoder:
                 if self.attention == "sdpa":
                     kd, vd = s.dense_view()
                     dense = kd[r0:r1], vd[r0:r1]
-                layers.append(_Rows(s.k_flat, s.v_flat, s.starts[s0:s1], s._lengths[s0:s1], r1 - r0, s.n_kv,
+                layers.append(_Rows(s.k_flat, s.v_flat, s.starts[s0:s1], s._lengths[s0:s1],
                                     (n_cap, max_cap), slots, rows, dense))
             self.parts.append((r0, r1, layers))
         self.graph = None
