@@ -164,6 +164,39 @@ def test_e2e_variant_options():
             parse_variants("", bad)
 
 
+def test_triton_linear_refuses_bad_input():
+    pytest.importorskip("triton")
+    from minikv.gpu.triton_linear import check_pdl, linear
+
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match=r"same K; got x \(4, 8\), weight \(6, 9\)"):
+        linear(x, torch.randn(6, 9))
+    with pytest.raises(ValueError, match="x \\(M, K\\) and weight \\(N, K\\)"):
+        linear(x[0], w)
+    with pytest.raises(ValueError, match="one dtype"):
+        linear(x, w.half())
+    with pytest.raises(ValueError, match="one dtype"):
+        linear(x, w, torch.zeros(6, dtype=torch.float16))
+    with pytest.raises(ValueError, match="contiguous weight"):
+        linear(x, torch.randn(8, 6).T)
+    with pytest.raises(ValueError, match="pdl=True needs a CUDA device"):
+        linear(x, w, pdl=True)
+    with pytest.raises(ValueError, match="prefetch=True issues CUDA L2 prefetches: it needs a CUDA device"):
+        linear(x, w, prefetch=True)
+    with pytest.raises(ValueError, match="compute capability"):
+        check_pdl(torch.device("cpu"))
+
+
+def test_e2e_step_variants():
+    from minikv.gpu.e2e import STEP_VARIANTS, parse_step_variants
+
+    assert parse_step_variants(" pdl, tlin ,") == [("pdl", STEP_VARIANTS["pdl"]), ("tlin", STEP_VARIANTS["tlin"])]
+    assert parse_step_variants("") == []
+    for bad in ("pdl,fast", "PDL", "1"):
+        with pytest.raises(ValueError, match="--step-variants must be comma-separated names from"):
+            parse_step_variants(bad)
+
+
 def test_fused_kernels_and_pending_refuse_bad_input():
     pytest.importorskip("triton")
     from minikv.gpu import triton_fused as tf
@@ -467,6 +500,17 @@ def test_static_decoder_refuses_what_it_cannot_run():
     for bad in (0, -2, 1.5, True, "4"):
         with pytest.raises(ValueError, match="attn_programs_per_sm must be None or a positive int"):
             StaticDecoder(w, pre.stores, 20, first, attn_programs_per_sm=bad)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="pdl must be True or False"):
+            StaticDecoder(w, pre.stores, 20, first, pdl=bad)
+    with pytest.raises(ValueError, match="pdl=True needs a CUDA device of compute capability >= 9.0"):
+        StaticDecoder(w, pre.stores, 20, first, pdl=True)  # a CPU
+    for bad in ("cublas", "cuda", None):
+        with pytest.raises(ValueError, match="linear must be 'auto', 'torch'"):
+            StaticDecoder(w, pre.stores, 20, first, linear=bad)
+    with pytest.raises(ValueError, match="linear='triton' runs a Triton kernel: it needs ops='triton'"):
+        StaticDecoder(w, pre.stores, 20, first, linear="triton", ops="torch")
+    assert (StaticDecoder(w, pre.stores, 20, first).linear, StaticDecoder(w, pre.stores, 20, first).pdl) == ("torch", False)
     ragged = [FlatStore.from_selection(*s.dense_view(), ragged_keep(2, s.n_kv, s.dense_view()[0].shape[2], torch.Generator()))
               for s in pre.stores]
     with pytest.raises(ValueError, match="uniform"):
@@ -537,13 +581,22 @@ def test_fp32_check_passes_a_correct_decoder_and_fails_a_wrong_one():
     assert bad["rel_err_graph_vs_fp32"] > 2 * bad["rel_err_eager_bf16_vs_fp32"]
 
 
+def hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 @cuda
-@pytest.mark.parametrize("ops,streams,overlap", [("triton", 1, False), ("triton", 2, False), ("fused", 1, False),
-                                                 ("fused", 3, False), ("triton", 2, True), ("fused", 3, True)])
+@pytest.mark.parametrize("ops,streams,overlap,linear,pdl", [
+    ("triton", 1, False, "torch", False), ("triton", 2, False, "torch", False), ("fused", 1, False, "torch", False),
+    ("fused", 3, False, "torch", False), ("triton", 2, True, "torch", False), ("fused", 3, True, "torch", False),
+    ("triton", 1, False, "triton", False), ("triton", 1, False, "triton", True), ("triton", 1, False, "torch", True),
+    ("triton", 2, False, "triton", True)])
 @pytest.mark.parametrize("mode", ["compressed", "static_triton", "static_sdpa"])
-def test_graph_decoder_matches_eager_and_the_model(mode, ops, streams, overlap):
+def test_graph_decoder_matches_eager_and_the_model(mode, ops, streams, overlap, linear, pdl):
     """CUDA graphs (re-captured after each re-layout) = the same step run eagerly = the model's own forward."""
     pytest.importorskip("triton")
+    if pdl and not hopper():
+        pytest.skip("PDL needs compute capability >= 9.0")
     from minikv.gpu.decoder import StaticDecoder, StepWeights, compressed_stores, prefill_to_stores
     from minikv.registry import get_press
 
@@ -562,9 +615,10 @@ def test_graph_decoder_matches_eager_and_the_model(mode, ops, streams, overlap):
     toks, ref = model_decode(model, ref_stores, 300, first, 10)
     w = StepWeights(model)
     graph = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, streams=streams, overlap=overlap,
-                          attn_programs_per_sm=2 if overlap else None)
-    eager = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, graph=False)
+                          attn_programs_per_sm=2 if overlap else None, linear=linear, pdl=pdl)
+    eager = StaticDecoder(w, stores()[1], 300, first, attention=attention, ops=ops, graph=False)  # no PDL, cuBLAS
     assert graph.use_graph and graph.ops == ops and len(graph.cuda_streams) == (streams if streams > 1 else 0)
+    assert (graph.linear, graph.pdl) == (linear, pdl)
     for t in range(10):
         for dec in (graph, eager):
             dec.set_ids(first if t == 0 else toks[t - 1])
@@ -598,6 +652,67 @@ def test_fp32_check_on_a_graph_decoder():
     chk = check_decoder(model, dec, 5, n_rows=2)
     assert chk["graph_tokens_equal_eager"] and chk["rel_err_eager_bf16_vs_fp32"] > 1e-4, chk
     assert chk["passed"], chk
+
+
+@cuda
+@pytest.mark.parametrize("M,K,N,bias", [(64, 576, 960, False), (64, 1536, 576, True), (8, 4096, 1000, False),
+                                        (5, 320, 77, True), (130, 256, 3072, False)])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_triton_linear_matches_float32_on_gpu(M, K, N, bias, pdl):
+    """minikv.gpu.triton_linear.linear = x @ W^T + b within bf16 rounding of float32, with and without PDL + prefetch."""
+    pytest.importorskip("triton")
+    if pdl and not hopper():
+        pytest.skip("PDL needs compute capability >= 9.0")
+    from minikv.gpu.triton_linear import linear
+
+    gen = torch.Generator().manual_seed(M + N)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, generator=gen).to(**bf)
+    W = (torch.randn(N, K, generator=gen) / K ** 0.5).to(**bf)
+    b = torch.randn(N, generator=gen).to(**bf) if bias else None
+    ref = x.float() @ W.float().T + (b.float() if bias else 0)
+    scale = x.float().abs() @ W.float().abs().T  # what the sum's rounding is relative to
+    for y in (linear(x, W, b, pdl=pdl), linear(x[:, :], W, b, pdl=pdl, prefetch=True)):
+        assert y.shape == (M, N) and y.dtype == torch.bfloat16
+        bad = (y.float() - ref).abs() > 2 ** -8 * ref.abs() + 1e-3 * scale + 1e-6
+        assert not bad.any(), f"{int(bad.sum())} outputs off; worst {float((y.float() - ref).abs().max()):.3e}"
+    cub = torch.nn.functional.linear(x, W, b).float()
+    assert (y.float() - cub).abs().max() <= 2 ** -6 * cub.abs().max(), "far from cuBLAS"
+    xs = torch.randn(M, 2 * K, generator=gen).to(**bf)[:, :K]  # rows with a stride (a view), as the step passes
+    assert torch.allclose(linear(xs, W, b).float(), linear(xs.contiguous(), W, b).float())
+
+
+@cuda
+def test_pdl_kernels_equal_plain_launches():
+    """Every step kernel launched with PDL (waits, prefetches) gives exactly what its plain launch gives."""
+    pytest.importorskip("triton")
+    if not hopper():
+        pytest.skip("PDL needs compute capability >= 9.0")
+    from minikv.gpu import triton_step as ts
+    from minikv.gpu.triton_decode import flat_decode_attention
+
+    gen = torch.Generator().manual_seed(8)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, r, w = (torch.randn(64, 576, generator=gen).to(**bf) for _ in range(3))
+    for a, c in zip(ts.add_rmsnorm(x, r, w, 1e-5), ts.add_rmsnorm(x, r, w, 1e-5, pdl=True)):
+        assert torch.equal(a, c)
+    gu = torch.randn(64, 3072, generator=gen).to(**bf)
+    assert torch.equal(ts.silu_mul(gu), ts.silu_mul(gu, pdl=True))
+    H, n_kv, d, b = 9, 3, 64, 4
+    qkv = torch.randn(b, (H + 2 * n_kv) * d, generator=gen).to(**bf)
+    pos = torch.tensor([3, 100, 7, 50], device="cuda")
+    cos, sin = torch.randn(128, d, generator=gen).to(**bf), torch.randn(128, d, generator=gen).to(**bf)
+    keys = torch.randn(b, n_kv, 300, d, generator=gen).to(**bf)
+    keep = ragged_keep(b, n_kv, 300, gen, "cuda", extremes=True)
+    sa, sb = (FlatStore.from_selection(keys, keys, keep, reserve=2) for _ in range(2))
+    q1 = ts.rope_append(qkv, pos, cos, sin, sa.k_flat, sa.v_flat, sa.starts, sa._lengths, H, n_kv, d)
+    q2 = ts.rope_append(qkv, pos, cos, sin, sb.k_flat, sb.v_flat, sb.starts, sb._lengths, H, n_kv, d, pdl=True)
+    assert torch.equal(q1, q2) and torch.equal(sa.k_flat, sb.k_flat) and torch.equal(sa._lengths, sb._lengths)
+    n_cap, max_cap = sa.capacity_bounds()
+    for programs in (None, 1, 4000):  # one chunk per segment, and many (the merge kernel runs too)
+        o1, o2 = (flat_decode_attention(q1.view(b, H, 1, d), st.k_flat, st.v_flat, st.starts, st._lengths, d ** -0.5,
+                                        n_cap, max_cap, programs=programs, pdl=p) for st, p in ((sa, False), (sb, True)))
+        assert torch.equal(o1, o2), programs
 
 
 @cuda
@@ -799,6 +914,12 @@ for M, K, H, nkv, d, bias, res, dt in [(3, 80, 4, 2, 16, True, True, torch.float
     h, t2 = dm.torch_add_rmsnorm(x, r, ln, 1e-5)
     a2 = dm.torch_silu_mul(F.linear(h, Wgu, bgu))
     assert torch.equal(t1, t2) and torch.allclose(a1.float(), a2.float(), atol=tol) and torch.equal(bump, sb._lengths)
+# the step's matmul (minikv.gpu.triton_linear) = F.linear: odd shapes, bias, several row tiles, a strided x
+from minikv.gpu.triton_linear import linear
+for M, K, N, bias in [(3, 80, 50, True), (64, 576, 96, False), (130, 64, 40, True), (5, 200, 17, False)]:
+    x, w = torch.randn(M, 2 * K, generator=g)[:, :K], torch.randn(N, K, generator=g) / K ** 0.5
+    bb = torch.randn(N, generator=g) if bias else None
+    assert torch.allclose(linear(x, w, bb), F.linear(x, w, bb), atol=1e-5), (M, K, N)
 # a whole step: Triton ops + Triton attention = PyTorch ops + PyTorch attention (head dim 24, re-layouts)
 from minikv.gpu.e2e import TINY, random_llama
 from minikv.hf import attach
@@ -810,17 +931,18 @@ pre = dm.prefill_to_stores(model, torch.randint(0, 500, (2, 50), generator=g), r
 press = get_press("adakv_snapkv", compression_ratio=0.5, window_size=8)
 usable = dm._triton_usable
 logits = {}
-for mode in ("torch", "triton", "fused"):
+for mode in ("torch", "triton", "fused", "triton_linear"):
     dm._triton_usable = (lambda t: True) if mode != "torch" else usable  # CPU tensors, interpreted kernels
     dec = dm.StaticDecoder(weights, dm.compressed_stores(pre, press, model, reserve=3), 50, pre.logits.argmax(-1),
-                           attention="torch" if mode == "torch" else "triton", ops=mode, graph=False)
+                           attention="torch" if mode == "torch" else "triton", ops=mode.replace("_linear", ""),
+                           graph=False, linear="triton" if mode == "triton_linear" else "auto")
     logits[mode] = [dec.step().clone() for _ in range(5)]
     assert dec.captures == 0 and all(int(s._lengths.min()) > 0 for s in dec.stores)
     lengths = [s._lengths.clone() for s in dec.stores]
     if mode == "torch":
         lengths0 = lengths
     assert all(torch.equal(a, c) for a, c in zip(lengths0, lengths)), f"{mode}: lengths differ after 5 steps"
-for mode in ("triton", "fused"):
+for mode in ("triton", "fused", "triton_linear"):
     for a, c in zip(logits["torch"], logits[mode]):
         assert torch.allclose(a, c, atol=1e-5), (mode, float((a - c).abs().max()))
 print("interpreter ok", worst)

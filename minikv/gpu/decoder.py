@@ -234,7 +234,8 @@ class StaticDecoder:
 
     def __init__(self, weights: StepWeights, stores: list, position: int, first_ids: torch.Tensor,
                  attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024,
-                 streams: int = 1, overlap: bool = False, attn_programs_per_sm: int | None = None):
+                 streams: int = 1, overlap: bool = False, attn_programs_per_sm: int | None = None,
+                 linear: str = "auto", pdl: bool = False):
         if attention not in ("auto", "triton", "sdpa", "torch"):
             raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'torch', got {attention!r}")
         if ops not in ("auto", "triton", "fused", "torch"):
@@ -269,6 +270,24 @@ class StaticDecoder:
             raise ValueError(f"ops={ops!r} runs Triton kernels: it needs CUDA weights and stores (or TRITON_INTERPRET=1); "
                              "use ops='torch' on the CPU")
         self.attention, self.ops = attention, ops
+        if not isinstance(pdl, bool):
+            raise ValueError(f"pdl must be True or False, got {pdl!r}")
+        if pdl:
+            from .triton_linear import check_pdl
+
+            check_pdl(dev)
+            if ops != "triton":
+                raise ValueError(f"pdl=True launches the Triton step kernels with programmatic dependent launch: it needs "
+                                 f"ops='triton' (or 'auto' on CUDA), got ops={ops!r}")
+        if linear not in ("auto", "torch", "triton"):
+            raise ValueError(f"linear must be 'auto', 'torch' (F.linear: cuBLAS on CUDA) or 'triton' "
+                             f"(minikv.gpu.triton_linear), got {linear!r}")
+        if linear == "auto":
+            linear = "triton" if pdl else "torch"
+        if linear == "triton" and ops not in ("triton", "fused"):
+            raise ValueError(f"linear='triton' runs a Triton kernel: it needs ops='triton' (Triton available, CUDA or "
+                             f"TRITON_INTERPRET=1), got ops={ops!r}")
+        self.linear, self.pdl = linear, pdl
         self.use_graph = (dev.type == "cuda") if graph is None else graph
         if self.use_graph and dev.type != "cuda":
             raise ValueError("CUDA graphs need CUDA tensors; pass graph=False on the CPU")
@@ -356,8 +375,15 @@ class StaticDecoder:
         if self.ops in ("triton", "fused"):
             from .triton_step import add_rmsnorm
 
-            return add_rmsnorm(x, res, weight, eps)
+            return add_rmsnorm(x, res, weight, eps, pdl=self.pdl)
         return torch_add_rmsnorm(x, res, weight, eps)
+
+    def _linear(self, x, weight, bias):
+        if self.linear == "triton":
+            from .triton_linear import linear
+
+            return linear(x, weight, bias, pdl=self.pdl)
+        return F.linear(x, weight, bias)
 
     def _rope_append(self, qkv, pos, store, lw):
         args = (qkv, pos, self.cos, self.sin, store.k_flat, store.v_flat, store.starts, store.lengths,
@@ -365,14 +391,14 @@ class StaticDecoder:
         if self.ops == "triton":
             from .triton_step import rope_append
 
-            return rope_append(*args)
+            return rope_append(*args, pdl=self.pdl)
         return torch_rope_append(*args)
 
     def _silu_mul(self, gu):
         if self.ops == "triton":
             from .triton_step import silu_mul
 
-            return silu_mul(gu)
+            return silu_mul(gu, pdl=self.pdl)
         return torch_silu_mul(gu)
 
     def _attend(self, q, store, lw, pending: int = 0):
@@ -386,7 +412,8 @@ class StaticDecoder:
 
             n_cap, max_cap = store.plan
             out = flat_decode_attention(q.view(b, H, 1, d), store.k_flat, store.v_flat, store.starts, store.lengths,
-                                        lw.scaling, n_cap, max_cap, pending=pending, programs=self.attn_programs)
+                                        lw.scaling, n_cap, max_cap, pending=pending, programs=self.attn_programs,
+                                        pdl=self.pdl)
             return out.view(b, H * d)
         slots = store.slots
         if self.attention == "sdpa":
@@ -433,7 +460,7 @@ class StaticDecoder:
             return norm_qkv_rope(x, mlp_prev, lw.ln1, lw.eps1, lw.w_qkv, lw.b_qkv, pos, self.cos, self.sin,
                                  store.k_flat, store.v_flat, store.starts, store.lengths, lw.H, lw.n_kv, lw.d)
         h, x = self._norm(x, mlp_prev, lw.ln1, lw.eps1)  # x: the residual stream
-        qkv = F.linear(h, lw.w_qkv, lw.b_qkv)  # (rows, (H + 2 n_kv) d)
+        qkv = self._linear(h, lw.w_qkv, lw.b_qkv)  # (rows, (H + 2 n_kv) d)
         return self._rope_append(qkv, pos, store, lw), x
 
     def _post(self, x, a, lw, store):
@@ -441,10 +468,10 @@ class StaticDecoder:
         if self.ops == "fused":
             from .triton_fused import norm_gate_up
 
-            act, x = norm_gate_up(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu, bump=store.lengths)
-            return x, F.linear(act, lw.w_down, lw.b_down)
-        h, x = self._norm(x, F.linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
-        return x, F.linear(self._silu_mul(F.linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
+            act, x = norm_gate_up(x, self._linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu, bump=store.lengths)
+            return x, self._linear(act, lw.w_down, lw.b_down)
+        h, x = self._norm(x, self._linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
+        return x, self._linear(self._silu_mul(self._linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
 
     def _head(self, x, mlp_prev, ids, pos):
         """Final norm, LM head, greedy token into ``ids``, positions + 1 -> logits (rows, vocab)."""

@@ -28,6 +28,8 @@ Models (``--model-kind``):
   llama8b  Llama-3.1-8B's shapes, random weights N(0, 0.02) built on the GPU, bf16 (32 layers, hidden 4096,
            32 q / 8 KV heads of dim 128, MLP 14336, vocab 128256; plain RoPE, theta 5e5: Llama-3.1's
            frequency scaling changes no cost), batch 8 x 32k
+  smollm2_shape  SmolLM2-135M's shapes with random weights (no model file needed; the step's time does not
+           depend on the weights' values, the presses' choices do a little), batch 64 x 8k
   tiny     a 2-layer random Llama, to check this script on a CPU in seconds
 Contexts are random token ids (decode time does not depend on the text). The presses select from the
 model's own prefill -- keys, values and SnapKV's window queries, captured once -- exactly what minikv.hf's
@@ -50,10 +52,18 @@ import torch
 KINDS = {
     "smollm2": dict(batch=64, context=8192, rows_per_chunk=64, steps=32, check_rows=4),
     "llama8b": dict(batch=8, context=32768, rows_per_chunk=1, steps=16, check_rows=2),
+    "smollm2_shape": dict(batch=64, context=8192, rows_per_chunk=64, steps=32, check_rows=4),
     "tiny": dict(batch=2, context=96, rows_per_chunk=2, steps=4, check_rows=2),
 }
 LLAMA8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                     rope_theta=100000.0)
+# decoder settings a run can time beside the defaults (--step-variants): the matmuls in Triton, PDL (both in
+# minikv.gpu.triton_linear), PDL for the Triton kernels only (cuBLAS matmuls), and neither
+STEP_VARIANTS = {"tlin": dict(linear="triton", pdl=False), "pdl": dict(linear="triton", pdl=True),
+                 "pdlcublas": dict(linear="torch", pdl=True), "nopdl": dict(linear="torch", pdl=False)}
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -82,6 +92,10 @@ def add_arguments(parser) -> None:
                         help="also time the static full cache (kernel) and the first press at ratio 0.75 with 2 row groups "
                              "interleaved (overlap=True) and the attention kernel at each of these programs per SM, e.g. "
                              "d,1,2 (d: the kernel's default) (rows static_triton_ov<p>, compressed_ov<p>)")
+    parser.add_argument("--step-variants", default="",
+                        help="also time the static full cache (kernel) and every press at ratio 0.75 with these step "
+                             f"settings, comma-separated, any of {sorted(STEP_VARIANTS)} (rows static_triton_<name>, "
+                             "compressed_<name>)")
     parser.add_argument("--fused-variant", action="store_true",
                         help="also time the first press at ratio 0.75 with ops='fused' (row compressed_fused)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the script (tiny)")
@@ -97,8 +111,8 @@ def random_llama(shape: dict, device, dtype, seed: int):
     """A LlamaForCausalLM of the given shape with random weights: N(0, 0.02) matrices, norms of ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**shape, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(**dict(dict(max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                  tie_word_embeddings=False), **shape))
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     rotary = model.model.rotary_emb
@@ -124,7 +138,8 @@ def build_model(args, device, dtype):
 
         model, _ = load_model(args.model, device=str(device), dtype=dtype, quiet=True)
     else:
-        model = random_llama(LLAMA8B if args.model_kind == "llama8b" else TINY, device, dtype, args.seed)
+        shape = {"llama8b": LLAMA8B, "smollm2_shape": SMOLLM2_SHAPE}.get(args.model_kind, TINY)
+        model = random_llama(shape, device, dtype, args.seed)
     return attach(model)
 
 
@@ -341,12 +356,14 @@ def check_decoder(model, dec, n_steps: int, n_rows: int = 4) -> dict:
 
 # -- the rows -----------------------------------------------------------------------------------------
 def decoder_row(model, weights, stores, prefilled, first, attention, args, device, copy_bw, check: bool,
-                ops: str = "auto", streams: int = 1, overlap: bool = False, attn_programs_per_sm=None):
+                ops: str = "auto", streams: int = 1, overlap: bool = False, attn_programs_per_sm=None,
+                linear: str = "auto", pdl: bool | None = None):
     from .decoder import StaticDecoder
 
     t0 = time.perf_counter()
+    kw = {} if pdl is None else dict(pdl=pdl)  # None: the decoder's default
     dec = StaticDecoder(weights, stores, prefilled.context_length, first, attention=attention, ops=ops, streams=streams,
-                        overlap=overlap, attn_programs_per_sm=attn_programs_per_sm)
+                        overlap=overlap, attn_programs_per_sm=attn_programs_per_sm, linear=linear, **kw)
     snap = dec.snapshot()
     graph_error = None
     if dec.use_graph:
@@ -360,7 +377,7 @@ def decoder_row(model, weights, stores, prefilled, first, attention, args, devic
             dec.restore(snap)
             graph_error = f"{type(e).__name__}: {e}"[:300]
     row = dict(attention=dec.attention, ops=dec.ops, graph=dec.use_graph, streams=dec.n_streams, overlap=dec.overlap,
-               attn_programs=dec.attn_programs)
+               attn_programs=dec.attn_programs, linear=dec.linear, pdl=dec.pdl)
     if graph_error:
         row["graph_error"] = graph_error
     if check and args.check_steps > 0:
@@ -457,15 +474,16 @@ def speedups(rows):
 
 def targets(rows, kind):
     """The issue's targets, evaluated on this run (ratio 0.75 compressed rows)."""
-    need = {"smollm2": 3.0, "llama8b": 1.7}.get(kind)
+    need = {"smollm2": 3.0, "smollm2_shape": 3.0, "llama8b": 1.7}.get(kind)
     out = []
     best = {}  # per press at ratio 0.75: the fastest graph decoder with the default settings or another stream count
     for r in rows:
-        if (r["method"] == "compressed" or re.fullmatch(r"compressed_s\d+", r["method"])) and r.get("ratio") == 0.75 \
+        if (r["method"] == "compressed" or re.fullmatch(r"compressed_(s\d+|" + "|".join(STEP_VARIANTS) + ")", r["method"])) \
+                and r.get("ratio") == 0.75 \
                 and "ms_per_step" in r and (r["press"] not in best or r["ms_per_step"] < best[r["press"]]["ms_per_step"]):
             best[r["press"]] = r
     for r in best.values():
-        src = dict(row=r["method"], streams=r.get("streams", 1))
+        src = dict(row=r["method"], streams=r.get("streams", 1), pdl=r.get("pdl", False), linear=r.get("linear", "torch"))
         out.append(dict(what=f"{r['press']} r0.75: step <= 2x floor", value=r["x_floor"], met=r["x_floor"] <= 2.0, **src))
         if need and "x_vs_best_static" in r:
             out.append(dict(what=f"{r['press']} r0.75: tokens/s >= {need}x best static full cache",
@@ -481,6 +499,17 @@ def targets(rows, kind):
     if checks:
         out.append(dict(what="graph decoders pass the fp32 check (fraction of decoders)", value=sum(checks) / len(checks),
                         met=all(checks)))
+    return out
+
+
+def parse_step_variants(step_variants: str) -> list:
+    """'pdl,tlin' -> [('pdl', decoder kwargs), ...]; a clear error for a name not in STEP_VARIANTS."""
+    out = []
+    for name in (x.strip() for x in step_variants.split(",") if x.strip()):
+        if name not in STEP_VARIANTS:
+            raise ValueError(f"--step-variants must be comma-separated names from {sorted(STEP_VARIANTS)}, "
+                             f"got {name!r} in {step_variants!r}")
+        out.append((name, STEP_VARIANTS[name]))
     return out
 
 
@@ -615,6 +644,10 @@ def run(args) -> int:
     for n in stream_variants:  # the strongest baseline we have, with every number of streams tried
         add(lambda n=n: decoder_row(model, weights, pre.stores, pre, first, kernel, args, device, copy_bw, check=False,
                                     streams=n), method=f"static_triton_s{n}", press="no_press", ratio=0.0)
+    step_variants = parse_step_variants(args.step_variants)
+    for name, kw in step_variants:
+        add(lambda kw=kw: decoder_row(model, weights, pre.stores, pre, first, kernel, args, device, copy_bw, check=False,
+                                      **kw), method=f"static_triton_{name}", press="no_press", ratio=0.0)
     for p, kw in overlap_variants:
         add(lambda kw=kw: decoder_row(model, weights, pre.stores, pre, first, kernel, args, device, copy_bw, check=False,
                                       **kw), method=f"static_triton_ov{p}", press="no_press", ratio=0.0)
@@ -641,6 +674,14 @@ def run(args) -> int:
                 variants += [(f"compressed_ov{p}", kw) for p, kw in overlap_variants]
                 if args.fused_variant:
                     variants.append(("compressed_fused", dict(ops="fused")))
+            if ratio == 0.75:
+                for vname, kw in step_variants:
+                    if "stores" not in holder:
+                        holder["stores"] = compressed_stores(pre, get_press(name, compression_ratio=ratio), model, reserve)
+                    add(lambda kw=kw: decoder_row(model, weights, holder["stores"], pre, first, "auto", args, device,
+                                                  copy_bw, check=ratio in check_ratios, **kw),
+                        method=f"compressed_{vname}", press=name, ratio=ratio)
+            if ratio == 0.75 and name == presses[0]:
                 for method, kw in variants:
                     add(lambda kw=kw: decoder_row(model, weights, holder["stores"], pre, first, "auto", args, device,
                                                   copy_bw, check=False, **kw), method=method, press=name, ratio=ratio)

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from .layout import kernel_supports, plan_splits
+from .triton_linear import _prefetch_l2, check_pdl, gdc_begin, pdl_launch
 
 LOG2E = 1.4426950408889634
 
@@ -82,15 +83,33 @@ def _merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits,
         tl.store(Out + (seg * G + gi) * D + dims, (acc / l_run).to(Out.dtype.element_ty), mask=live_d)
 
 
+@triton.jit
+def _prefetch_first_tile(K, V, Starts, Lengths, seg, split, chunk, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """PDL: pull the first BLOCK_N keys and values of this program's chunk into L2 before waiting.
+
+    Only rows the segment held before this step (the kernel before may still be appending one and moving
+    ``lengths`` on: a stale length is one short, never too long), so every address is inside the buffer.
+    """
+    tok = split * chunk + tl.arange(0, BLOCK_N)
+    held = tl.load(Lengths + seg, cache_modifier=".cg")
+    at = (tl.load(Starts + seg) + tl.where(tok < held, tok, 0)) * D
+    _prefetch_l2(K + at)
+    _prefetch_l2(V + at)
+
+
 @triton.jit(do_not_specialize=["chunk", "num_splits"])
 def _split_kernel(
     Q, K, V, Starts, Lengths, Out, OutPart, LsePart, Counter,
     scale_log2, chunk, num_splits,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, PENDING: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     seg = tl.program_id(0)  # which (row, KV head) segment
     split = tl.program_id(1)  # which chunk of it
+    if GDC:  # PDL (minikv.gpu.triton_linear): prefetch, then wait for the kernel before (it appended the new token)
+        _prefetch_first_tile(K, V, Starts, Lengths, seg, split, chunk, D, BLOCK_N)
+    gdc_begin(GDC)
     length = tl.load(Lengths + seg) + PENDING  # PENDING = 1: a token written at the end, not yet counted
     lo = split * chunk
     g = tl.arange(0, G_PAD)  # query heads of this group (padded: tl.dot wants >= 16 rows)
@@ -154,8 +173,9 @@ def _split_kernel(
 @triton.jit(do_not_specialize=["chunk", "num_splits"])
 def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
                   G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-                  PENDING: tl.constexpr):
+                  PENDING: tl.constexpr, GDC: tl.constexpr):
     """The unfused merge (``fused=False``): one program per segment; one-chunk segments are already done."""
+    gdc_begin(GDC)
     seg = tl.program_id(0)
     length = tl.load(Lengths + seg) + PENDING
     n_used = (length + chunk - 1) // chunk
@@ -247,7 +267,8 @@ def _sm_count(device_index: int) -> int:
 
 def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float, n_total: int, max_len: int,
                           block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                          programs: int | None = None, fused: bool | None = None, pending: int = 0) -> torch.Tensor:
+                          programs: int | None = None, fused: bool | None = None, pending: int = 0,
+                          pdl: bool = False) -> torch.Tensor:
     """One decode step: query (b, H, 1, d) over the segments -> (b, H, 1, d).
 
     starts, lengths (S,) long with S = b * n_kv. ``n_total`` and ``max_len`` are host ints that size
@@ -255,6 +276,7 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
     capacity, so that the launch stays the same while the lengths grow on the device).
     ``pending=1``: each segment holds one more token than ``lengths`` says (written at its end by
     ``minikv.gpu.triton_fused.norm_qkv_rope``, counted later in the same step).
+    ``pdl=True``: launched with programmatic dependent launch (``minikv.gpu.triton_linear``; Hopper or newer).
     """
     b, H, q_len, d = query.shape
     if q_len != 1:
@@ -265,6 +287,8 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
                          f"{d} in {k_flat.dtype}; FlatStore.attend uses its PyTorch path for these")
     if pending not in (0, 1) or isinstance(pending, bool):
         raise ValueError(f"pending must be 0 or 1 (tokens written past each length, not yet counted), got {pending!r}")
+    if pdl:
+        check_pdl(query.device)
     S = starts.numel()
     n_kv = S // b
     G = H // n_kv
@@ -286,9 +310,10 @@ def flat_decode_attention(query, k_flat, v_flat, starts, lengths, scaling: float
         q, k_flat, v_flat, starts, lengths, out, out_part, lse_part, counter,
         scaling * LOG2E, chunk, num_splits,
         G=G, G_PAD=G_PAD, D=d, D_PAD=D_PAD, BLOCK_N=block_n, SPLIT_BLOCK=SPLIT_BLOCK, IEEE=ieee,
-        FUSED_MERGE=fused, PENDING=pending, num_warps=num_warps, num_stages=num_stages,
+        FUSED_MERGE=fused, PENDING=pending, GDC=pdl, num_warps=num_warps, num_stages=num_stages, **pdl_launch(pdl),
     )
     if not fused and num_splits > 1:
         _merge_kernel[(S,)](out_part, lse_part, lengths, out, chunk, num_splits,
-                            G=G, D=d, D_PAD=D_PAD, SPLIT_BLOCK=SPLIT_BLOCK, PENDING=pending, num_warps=4)
+                            G=G, D=d, D_PAD=D_PAD, SPLIT_BLOCK=SPLIT_BLOCK, PENDING=pending, GDC=pdl, num_warps=4,
+                            **pdl_launch(pdl))
     return out

@@ -24,9 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_linear import gdc_begin, pdl_launch
+
 
 @triton.jit
-def _add_rmsnorm_kernel(X, R, W, Y, Sum, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(X, R, W, Y, Sum, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
+    gdc_begin(GDC)  # PDL (minikv.gpu.triton_linear): wait for the kernel before, let the next one launch
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -42,14 +45,18 @@ def _add_rmsnorm_kernel(X, R, W, Y, Sum, N, eps, HAS_RES: tl.constexpr, BLOCK: t
     tl.store(Y + row * N + cols, (w.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty), mask=ok)  # ... then * w
 
 
-def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """x, res (rows, N) -> (rmsnorm(x + res) * weight, x + res); res None: no add (the sum is x)."""
+def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float, pdl: bool = False):
+    """x, res (rows, N) -> (rmsnorm(x + res) * weight, x + res); res None: no add (the sum is x).
+
+    pdl=True: launched with programmatic dependent launch (every kernel here takes it; see ``minikv.gpu.triton_linear``).
+    """
     rows, N = x.shape
     y = torch.empty_like(x)
     s = torch.empty_like(x) if res is not None else x
     BLOCK = triton.next_power_of_2(N)
     _add_rmsnorm_kernel[(rows,)](x, res if res is not None else x, weight, y, s, N, eps,
-                                 HAS_RES=res is not None, BLOCK=BLOCK, num_warps=4 if BLOCK <= 2048 else 8)
+                                 HAS_RES=res is not None, BLOCK=BLOCK, GDC=pdl, num_warps=4 if BLOCK <= 2048 else 8,
+                                 **pdl_launch(pdl))
     return y, s
 
 
@@ -64,7 +71,8 @@ def _rotate(x, x_partner, sign, cos, sin):
 @triton.jit
 def _rope_append_kernel(QKV, Pos, Cos, Sin, Qout, K, V, Starts, Lengths, row_stride,
                         H: tl.constexpr, NKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                        D: tl.constexpr, D_PAD: tl.constexpr):
+                        D: tl.constexpr, D_PAD: tl.constexpr, GDC: tl.constexpr):
+    gdc_begin(GDC)
     seg = tl.program_id(0)  # (row, KV head) segment
     row = seg // NKV
     kvh = seg % NKV
@@ -97,19 +105,22 @@ def _rope_append_kernel(QKV, Pos, Cos, Sin, Qout, K, V, Starts, Lengths, row_str
     tl.store(Qout + (row * H + heads[:, None]) * D + dims[None, :], q_rot.to(Qout.dtype.element_ty), mask=qmask)
 
 
-def rope_append(qkv, pos, cos_table, sin_table, k_flat, v_flat, starts, lengths, H: int, n_kv: int, d: int):
+def rope_append(qkv, pos, cos_table, sin_table, k_flat, v_flat, starts, lengths, H: int, n_kv: int, d: int,
+                pdl: bool = False):
     """qkv (b, (H + 2 n_kv) d) -> rotated queries (b, H, d); rotated k and v written at each segment's end."""
     b = qkv.shape[0]
     q = torch.empty(b, H, d, dtype=qkv.dtype, device=qkv.device)
     G = H // n_kv
     _rope_append_kernel[(b * n_kv,)](qkv, pos, cos_table, sin_table, q, k_flat, v_flat, starts, lengths, qkv.stride(0),
                                      H=H, NKV=n_kv, G=G, G_PAD=triton.next_power_of_2(G), D=d,
-                                     D_PAD=triton.next_power_of_2(d), num_warps=1 if d * G <= 512 else 4)
+                                     D_PAD=triton.next_power_of_2(d), GDC=pdl, num_warps=1 if d * G <= 512 else 4,
+                                     **pdl_launch(pdl))
     return q
 
 
 @triton.jit
-def _silu_mul_kernel(GU, Out, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, Out, I, BLOCK: tl.constexpr, GDC: tl.constexpr):
+    gdc_begin(GDC)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < I
@@ -120,11 +131,11 @@ def _silu_mul_kernel(GU, Out, I, BLOCK: tl.constexpr):
     tl.store(Out + row * I + cols, (s.to(tl.float32) * u.to(tl.float32)).to(Out.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+def silu_mul(gu: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """gu (rows, 2 I) = [gate | up] -> silu(gate) * up (rows, I)."""
     rows, two_i = gu.shape
     I = two_i // 2
     out = torch.empty(rows, I, dtype=gu.dtype, device=gu.device)
     BLOCK = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(I, BLOCK))](gu, out, I, BLOCK=BLOCK, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(I, BLOCK))](gu, out, I, BLOCK=BLOCK, GDC=pdl, num_warps=4, **pdl_launch(pdl))
     return out

@@ -115,6 +115,44 @@ def ops_part(device, rep_ms, log, shapes=("smollm2", "llama8b")):
     return rows
 
 
+LINEAR_SHAPES = [("smollm2", "qkv", 64, 576, 960), ("smollm2", "o", 64, 576, 576), ("smollm2", "gate/up", 64, 576, 3072),
+                 ("smollm2", "down", 64, 1536, 576), ("llama8b", "qkv", 8, 4096, 6144), ("llama8b", "o", 8, 4096, 4096),
+                 ("llama8b", "gate/up", 8, 4096, 28672), ("llama8b", "down", 8, 14336, 4096)]
+
+
+def linear_part(device, rep_ms, log, copy_bw=4.25e12):
+    """The step's matmuls: cuBLAS (F.linear) against minikv.gpu.triton_linear over a grid of tiles (no PDL: alone,
+    a kernel has nothing to overlap with; the end-to-end run measures PDL)."""
+    from .triton_linear import linear
+
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(1)
+    for model, name, M, K, N in LINEAR_SHAPES:
+        x = torch.randn(M, K, generator=gen, device=device, dtype=torch.bfloat16)
+        w = torch.randn(N, K, generator=gen, device=device, dtype=torch.bfloat16) * K ** -0.5
+        floor_us = 1e6 * w.numel() * 2 / copy_bw
+        cublas = _graph_us(lambda: F.linear(x, w), rep_ms)
+        rows.append(dict(model=model, op=name, M=M, K=K, N=N, impl="cublas", us=cublas, floor_us=floor_us))
+        best = None
+        for bn in (16, 32, 64):
+            for bk in (64, 128, 256):
+                for ns in (2, 3, 4):
+                    cfg = dict(block_n=bn, block_k=bk, num_warps=4, num_stages=ns)
+                    try:
+                        us = _graph_us(lambda cfg=cfg: linear(x, w, **cfg), rep_ms)
+                    except Exception as e:  # a tile that does not fit (shared memory)
+                        rows.append(dict(model=model, op=name, M=M, K=K, N=N, impl="triton", error=f"{type(e).__name__}: {e}"[:200], **cfg))
+                        continue
+                    rows.append(dict(model=model, op=name, M=M, K=K, N=N, impl="triton", us=us, floor_us=floor_us, **cfg))
+                    if best is None or us < best[0]:
+                        best = (us, cfg)
+        default = _graph_us(lambda: linear(x, w), rep_ms)
+        rows.append(dict(model=model, op=name, M=M, K=K, N=N, impl="triton", config="default", us=default, floor_us=floor_us))
+        log(f"[linear] {model} {name} ({M}x{K} @ {K}x{N}): bytes {floor_us:.1f} us; cuBLAS {cublas:.1f} us; "
+            f"triton default {default:.1f} us; best {best[0]:.1f} us {best[1]}")
+    return rows
+
+
 SMALL_CASES = [("smollm2", 4096, 1, "adakv"), ("smollm2", 4096, 8, "adakv"), ("smollm2", 4096, 32, "adakv"),
                ("llama8b", 4096, 1, "adakv"), ("llama8b", 4096, 8, "adakv"), ("llama8b", 4096, 32, "adakv"),
                ("llama8b", 16384, 8, "adakv"), ("smollm2", 8192, 64, "adakv")]
@@ -180,7 +218,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "results/gpu"))
     p.add_argument("--rep-ms", type=float, default=40.0)
-    p.add_argument("--parts", default="ops,attention", help="any of ops, attention, attention-e2e (comma-separated)")
+    p.add_argument("--parts", default="ops,attention", help="any of ops, linear, attention, attention-e2e (comma-separated)")
     p.add_argument("--ops-shapes", default="smollm2,llama8b")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -205,6 +243,9 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, "tune_h200.json")
     if "ops" in parts:
         out["ops"] = ops_part(device, args.rep_ms, log, args.ops_shapes.split(","))
+        json.dump(out, open(path, "w"), indent=1)
+    if "linear" in parts:
+        out["linear"] = linear_part(device, args.rep_ms, log)
         json.dump(out, open(path, "w"), indent=1)
     if "attention" in parts or "attention-e2e" in parts:
         from .bench import copy_bandwidth

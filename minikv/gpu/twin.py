@@ -133,8 +133,13 @@ def merge_chunks(OutPart, LsePart, Out, seg, n_used, num_splits, G, D, D_PAD, SP
 
 
 def split_kernel(seg, split, Q, K, V, Starts, Lengths, Out, OutPart, LsePart, Counter,
-                 scale_log2, chunk, num_splits, G, G_PAD, D, D_PAD, BLOCK_N, SPLIT_BLOCK, IEEE, FUSED_MERGE, PENDING):
-    """One program of ``_split_kernel``: chunk ``split`` of segment ``seg``."""
+                 scale_log2, chunk, num_splits, G, G_PAD, D, D_PAD, BLOCK_N, SPLIT_BLOCK, IEEE, FUSED_MERGE, PENDING,
+                 GDC=False):
+    """One program of ``_split_kernel``: chunk ``split`` of segment ``seg``.
+
+    GDC (the kernel's programmatic dependent launch: prefetch, wait for the kernel before) has nothing to do
+    here: the twin's programs run after everything before them, one at a time.
+    """
     length = load(Lengths + seg) + PENDING  # PENDING = 1: a token written at the end, not yet counted
     lo = split * chunk
     g = torch.arange(0, G_PAD)  # query heads of this group (padded, as tl.dot wants >= 16 rows on the GPU)
@@ -187,7 +192,7 @@ def split_kernel(seg, split, Q, K, V, Starts, Lengths, Out, OutPart, LsePart, Co
                     atomic_xchg(Counter + seg, 0)  # ready for the next launch
 
 
-def merge_kernel(seg, OutPart, LsePart, Lengths, Out, chunk, num_splits, G, D, D_PAD, SPLIT_BLOCK, PENDING):
+def merge_kernel(seg, OutPart, LsePart, Lengths, Out, chunk, num_splits, G, D, D_PAD, SPLIT_BLOCK, PENDING, GDC=False):
     """One program of ``_merge_kernel`` (the unfused merge): one-chunk segments are already done."""
     length = load(Lengths + seg) + PENDING
     n_used = (length + chunk - 1) // chunk
