@@ -235,7 +235,7 @@ class StaticDecoder:
     def __init__(self, weights: StepWeights, stores: list, position: int, first_ids: torch.Tensor,
                  attention: str = "auto", ops: str = "auto", graph: bool | None = None, max_new_tokens: int = 1024,
                  streams: int = 1, overlap: bool = False, attn_programs_per_sm: int | None = None,
-                 linear: str = "auto", pdl: bool = False):
+                 linear: str = "auto", pdl: bool | None = None):
         if attention not in ("auto", "triton", "sdpa", "torch"):
             raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'torch', got {attention!r}")
         if ops not in ("auto", "triton", "fused", "torch"):
@@ -270,8 +270,10 @@ class StaticDecoder:
             raise ValueError(f"ops={ops!r} runs Triton kernels: it needs CUDA weights and stores (or TRITON_INTERPRET=1); "
                              "use ops='torch' on the CPU")
         self.attention, self.ops = attention, ops
-        if not isinstance(pdl, bool):
-            raise ValueError(f"pdl must be True or False, got {pdl!r}")
+        if pdl is not None and not isinstance(pdl, bool):
+            raise ValueError(f"pdl must be None (auto), True or False, got {pdl!r}")
+        if pdl is None:
+            pdl = _pdl_pays(weights, ops)
         if pdl:
             from .triton_linear import check_pdl
 
@@ -378,12 +380,13 @@ class StaticDecoder:
             return add_rmsnorm(x, res, weight, eps, pdl=self.pdl)
         return torch_add_rmsnorm(x, res, weight, eps)
 
-    def _linear(self, x, weight, bias):
+    def _linear(self, x, weight, bias, glu: bool = False):
+        """x @ weight^T + bias; glu=True: x is [gate | up] and the input silu(gate) * up (Triton: one launch)."""
         if self.linear == "triton":
             from .triton_linear import linear
 
-            return linear(x, weight, bias, pdl=self.pdl)
-        return F.linear(x, weight, bias)
+            return linear(x, weight, bias, pdl=self.pdl, glu=glu)
+        return F.linear(self._silu_mul(x) if glu else x, weight, bias)
 
     def _rope_append(self, qkv, pos, store, lw):
         args = (qkv, pos, self.cos, self.sin, store.k_flat, store.v_flat, store.starts, store.lengths,
@@ -471,12 +474,12 @@ class StaticDecoder:
             act, x = norm_gate_up(x, self._linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu, bump=store.lengths)
             return x, self._linear(act, lw.w_down, lw.b_down)
         h, x = self._norm(x, self._linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
-        return x, self._linear(self._silu_mul(self._linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
+        return x, self._linear(self._linear(h, lw.w_gu, lw.b_gu), lw.w_down, lw.b_down, glu=True)
 
     def _head(self, x, mlp_prev, ids, pos):
         """Final norm, LM head, greedy token into ``ids``, positions + 1 -> logits (rows, vocab)."""
         h, _ = self._norm(x, mlp_prev, self.w.norm_w, self.w.norm_eps)
-        logits = F.linear(h, self.w.lm_head)
+        logits = self._linear(h, self.w.lm_head, None)
         torch.argmax(logits, dim=-1, out=ids)  # the greedy next token, into the static input
         pos.add_(1)
         return logits
@@ -591,6 +594,21 @@ class StaticDecoder:
     def kv_bytes(self) -> int:
         """Bytes of keys and values held now (all layers)."""
         return sum(s.nbytes for s in self.stores)
+
+
+def _pdl_pays(weights: StepWeights, ops: str) -> bool:
+    """pdl=None: PDL and the Triton matmuls where they were measured faster -- Hopper or newer, ops='triton', and
+    layers whose matrices are small (each <= triton_linear.SMALL_WEIGHT_BYTES, L2-sized: the step is latency-bound).
+
+    Measured on the H200 (results/gpu/NOTES.md, run 6): SmolLM2 (0.7-3.5 MB per matrix) 1.71 -> 1.59 ms per step
+    (SnapKV, ratio 0.75); the Llama-3.1-8B shape (33-235 MB per matrix) 7.0 -> 11.1 ms with run 6's tiles.
+    """
+    if ops != "triton" or weights.device.type != "cuda" or not _triton_importable():
+        return False
+    from .triton_linear import SMALL_WEIGHT_BYTES, pdl_supported
+
+    biggest = max(t.numel() * t.element_size() for lw in weights.layers for t in (lw.w_qkv, lw.w_o, lw.w_gu, lw.w_down))
+    return pdl_supported(weights.device.index or 0) and biggest <= SMALL_WEIGHT_BYTES
 
 
 def _triton_importable() -> bool:

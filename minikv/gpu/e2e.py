@@ -61,9 +61,11 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
                      rope_theta=100000.0)
 # decoder settings a run can time beside the defaults (--step-variants): the matmuls in Triton, PDL (both in
-# minikv.gpu.triton_linear), PDL for the Triton kernels only (cuBLAS matmuls), and neither
+# minikv.gpu.triton_linear), PDL for the Triton kernels only (cuBLAS matmuls), neither, and PDL with the attention
+# kernel aiming at 3 programs per multiprocessor (the best of run 4's sweep on AdaKV's SmolLM2 cache)
 STEP_VARIANTS = {"tlin": dict(linear="triton", pdl=False), "pdl": dict(linear="triton", pdl=True),
-                 "pdlcublas": dict(linear="torch", pdl=True), "nopdl": dict(linear="torch", pdl=False)}
+                 "pdlcublas": dict(linear="torch", pdl=True), "nopdl": dict(linear="torch", pdl=False),
+                 "pdl_p3": dict(linear="triton", pdl=True, attn_programs_per_sm=3)}
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 

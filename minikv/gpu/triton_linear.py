@@ -18,7 +18,7 @@ and the attention kernel, each with the same two lines at its start. Without PDL
 plain matmul; on the CPU, Triton's interpreter runs it (the tests compare it with ``F.linear``).
 
 One program computes a (BLOCK_M, BLOCK_N) tile of y over the whole K: y = x @ W^T + bias, accumulated in fp32 and
-rounded once, as cuBLAS does (the sums' order differs). ``PLAN`` holds the tile sizes measured on the H200.
+rounded once, as cuBLAS does (the sums' order differs). ``plan_for`` picks tile sizes measured on the H200.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _prefetch_l2(ptrs):
 def _linear_kernel(X, W, B, Y, M, N, K, stride_x, stride_y,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GDC: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, K_LINES: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, GLU: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = rows of W
@@ -72,7 +72,13 @@ def _linear_kernel(X, W, B, Y, M, N, K, stride_x, stride_y,
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_ptrs = X + rows[:, None] * stride_x + ks[None, :]
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptrs, mask=x_ok, other=0.0)
+        if GLU:  # x holds [gate | up]: the input is silu(gate) * up, rounded as triton_step.silu_mul rounds
+            u = tl.load(x_ptrs + K, mask=x_ok, other=0.0)
+            gf = x.to(tl.float32)
+            x = ((gf / (1.0 + tl.exp(-gf))).to(u.dtype).to(tl.float32) * u.to(tl.float32)).to(u.dtype)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
         if IEEE:  # float32 inputs: full-precision products (tl.dot would use TF32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -84,16 +90,22 @@ def _linear_kernel(X, W, B, Y, M, N, K, stride_x, stride_y,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Tile sizes: (block_n, block_k, num_warps, num_stages) by the number of rows. Chosen on the H200
-# (``python -m minikv.gpu.tune --parts linear``, results/gpu/NOTES.md): narrow column tiles so that even a
-# 576-column matmul spreads over ~36 programs; the K loop is short (576-1536 for SmolLM2).
-PLAN = {16: (16, 128, 4, 3), 32: (16, 128, 4, 3), 64: (16, 128, 4, 3), 128: (32, 64, 4, 3)}
+SMALL_WEIGHT_BYTES = 16 * 2 ** 20  # a matrix this small fits the H200's L2 (50 MB) many times over: prefetch it
 
 
-def plan_for(M: int):
-    """(block_m, block_n, block_k, num_warps, num_stages) for M rows: one row tile up to 128 rows, then 128 at a time."""
+def plan_for(M: int, N: int, K: int, element_size: int = 2):
+    """(block_m, block_n, block_k, num_warps, num_stages) for x (M, K) @ W (N, K)^T.
+
+    From the H200 sweep (``python -m minikv.gpu.tune --parts linear``, results/gpu/decode_graphs_run6): small
+    matrices (SmolLM2: 0.7-3.5 MB) want narrow column tiles -- 16 columns, 32 beyond ~2k columns -- so that even
+    576 columns spread over 36 programs, 128-long K blocks and four stages (2.7-4.1 us, cuBLAS 2.9-4.3); large ones
+    (Llama-3.1-8B: 33-235 MB) want 64 x 256 tiles (within 1-7 % of the best of 27 tiles, and of cuBLAS).
+    One row tile up to 128 rows, then 128 at a time.
+    """
     block_m = min(128, max(16, triton.next_power_of_2(M)))
-    return (block_m,) + PLAN[block_m]
+    if N * K * element_size <= SMALL_WEIGHT_BYTES:
+        return block_m, (16 if N <= 2048 else 32), 128, 4, 4
+    return block_m, 64, 256, 4, 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,14 +131,17 @@ def pdl_launch(pdl: bool) -> dict:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, pdl: bool = False,
            prefetch: bool | None = None, block_n: int | None = None, block_k: int | None = None,
-           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+           num_warps: int | None = None, num_stages: int | None = None, glu: bool = False) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T + bias (N,) -> (M, N), as ``F.linear``; ``pdl=True``: launched with PDL.
 
-    prefetch (default: = pdl): pull the program's rows of W into L2 before waiting for the previous kernel.
+    prefetch (default: pdl and W fits L2 easily): pull the program's rows of W into L2 before waiting for the
+    previous kernel. glu=True: x is (M, 2K) = [gate | up] and the input is silu(gate) * up (the MLP's down
+    projection reads the gate/up matmul's output directly: ``triton_step.silu_mul``'s launch saved).
     """
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear needs x (M, K) and weight (N, K) with the same K; got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
+    k_in = x.shape[-1] // 2 if glu else x.shape[-1]
+    if x.dim() != 2 or weight.dim() != 2 or k_in != weight.shape[1] or (glu and x.shape[1] % 2):
+        raise ValueError(f"linear needs x (M, K) and weight (N, K) with the same K (glu=True: x (M, 2K)); got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, glu={glu}")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"linear needs x, weight and bias in one dtype; got {x.dtype}, {weight.dtype}"
                          + (f", {bias.dtype}" if bias is not None else ""))
@@ -134,19 +149,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError("linear needs a contiguous weight and rows of x contiguous (x.stride(1) == 1)")
     if pdl:
         check_pdl(x.device)
-    prefetch = pdl if prefetch is None else prefetch
+    M, N, K = x.shape[0], weight.shape[0], weight.shape[1]
+    if prefetch is None:
+        prefetch = pdl and N * K * weight.element_size() <= SMALL_WEIGHT_BYTES
     if prefetch and x.device.type != "cuda":
         raise ValueError(f"prefetch=True issues CUDA L2 prefetches: it needs a CUDA device, got {x.device}")
-    M, K = x.shape
-    N = weight.shape[0]
-    block_m, bn, bk, nw, ns = plan_for(M)
+    block_m, bn, bk, nw, ns = plan_for(M, N, K, weight.element_size())
     block_n, block_k = block_n or bn, block_k or bk
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     line = LINE_BYTES // weight.element_size()
     _linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GDC=pdl, PREFETCH=prefetch,
-        LINE=line, K_LINES=triton.next_power_of_2(triton.cdiv(K, line)), IEEE=x.dtype == torch.float32,
+        LINE=line, K_LINES=triton.next_power_of_2(triton.cdiv(K, line)), IEEE=x.dtype == torch.float32, GLU=glu,
         num_warps=num_warps or nw,
         num_stages=num_stages or ns, **pdl_launch(pdl))
     return y
