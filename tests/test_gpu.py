@@ -191,6 +191,22 @@ def test_triton_linear_refuses_bad_input():
         check_pdl(torch.device("cpu"))
 
 
+def test_triton_linear_plan_fits_shared_memory():
+    pytest.importorskip("triton")
+    from minikv.gpu.triton_linear import SHARED_BYTES, SMALL_WEIGHT_BYTES, plan_for
+
+    for M in (1, 5, 8, 16, 64, 100, 128, 1000):
+        for N, K in ((960, 576), (576, 1536), (3072, 576), (49152, 576), (128256, 4096), (4096, 14336)):
+            for size in (2, 4):
+                bm, bn, bk, nw, ns = plan_for(M, N, K, size)
+                assert 16 <= bm <= 128 and bm >= min(M, 128) and 1 <= ns <= 4
+                assert ns * (bm + bn) * bk * size <= SHARED_BYTES, (M, N, K, size)
+    assert plan_for(64, 960, 576)[1:] == (16, 128, 4, 4)  # SmolLM2's q/k/v: the run-6 sweep's best
+    assert plan_for(64, 3072, 576)[1:3] == (32, 128)
+    assert plan_for(64, 49152, 576)[1:] == (64, 256, 4, 3)  # the LM head: run 7 asked for 256 kB with 4 stages
+    assert 49152 * 576 * 2 > SMALL_WEIGHT_BYTES >= 3072 * 576 * 2
+
+
 def test_e2e_step_variants():
     from minikv.gpu.e2e import STEP_VARIANTS, parse_step_variants
 
@@ -660,7 +676,7 @@ def test_fp32_check_on_a_graph_decoder():
 
 @cuda
 @pytest.mark.parametrize("M,K,N,bias", [(64, 576, 960, False), (64, 1536, 576, True), (8, 4096, 1000, False),
-                                        (5, 320, 77, True), (130, 256, 3072, False)])
+                                        (5, 320, 77, True), (130, 256, 3072, False), (64, 576, 49152, False)])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_triton_linear_matches_float32_on_gpu(M, K, N, bias, pdl):
     """minikv.gpu.triton_linear.linear = x @ W^T + b within bf16 rounding of float32, with and without PDL + prefetch."""

@@ -90,6 +90,7 @@ def _linear_kernel(X, W, B, Y, M, N, K, stride_x, stride_y,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+SHARED_BYTES = 192 * 2 ** 10  # what the pipeline stages may take of a multiprocessor's shared memory (H200: 227 kB)
 SMALL_WEIGHT_BYTES = 16 * 2 ** 20  # a matrix this small fits the H200's L2 (50 MB) many times over: prefetch it
 
 
@@ -100,12 +101,16 @@ def plan_for(M: int, N: int, K: int, element_size: int = 2):
     matrices (SmolLM2: 0.7-3.5 MB) want narrow column tiles -- 16 columns, 32 beyond ~2k columns -- so that even
     576 columns spread over 36 programs, 128-long K blocks and four stages (2.7-4.1 us, cuBLAS 2.9-4.3); large ones
     (Llama-3.1-8B: 33-235 MB) want 64 x 256 tiles (within 1-7 % of the best of 27 tiles, and of cuBLAS).
-    One row tile up to 128 rows, then 128 at a time.
+    One row tile up to 128 rows, then 128 at a time; at most 4 stages, fewer where they would not fit
+    ``SHARED_BYTES`` (the LM head at batch 64: 64 x 256 tiles of x and W, 3 stages).
     """
     block_m = min(128, max(16, triton.next_power_of_2(M)))
     if N * K * element_size <= SMALL_WEIGHT_BYTES:
-        return block_m, (16 if N <= 2048 else 32), 128, 4, 4
-    return block_m, 64, 256, 4, 4
+        block_n, block_k = (16 if N <= 2048 else 32), 128
+    else:
+        block_n, block_k = 64, 256
+    per_stage = (block_m + block_n) * block_k * element_size  # shared memory of one stage's x and W tiles
+    return block_m, block_n, block_k, 4, max(1, min(4, SHARED_BYTES // per_stage))
 
 
 @functools.lru_cache(maxsize=None)
