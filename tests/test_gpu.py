@@ -169,12 +169,8 @@ def test_triton_linear_refuses_bad_input():
     from minikv.gpu.triton_linear import check_pdl, linear
 
     x, w = torch.randn(4, 8), torch.randn(6, 8)
-    with pytest.raises(ValueError, match=r"same K \(glu=True: x \(M, 2K\)\); got x \(4, 8\), weight \(6, 9\), glu=False"):
+    with pytest.raises(ValueError, match=r"same K; got x \(4, 8\), weight \(6, 9\)"):
         linear(x, torch.randn(6, 9))
-    with pytest.raises(ValueError, match="glu=True"):
-        linear(x, w, glu=True)  # [gate | up] of 4 + 4 columns cannot feed a K = 8 weight
-    with pytest.raises(ValueError, match="glu=True"):
-        linear(torch.randn(4, 17), w, glu=True)
     with pytest.raises(ValueError, match="x \\(M, K\\) and weight \\(N, K\\)"):
         linear(x[0], w)
     with pytest.raises(ValueError, match="one dtype"):
@@ -701,10 +697,6 @@ def test_triton_linear_matches_float32_on_gpu(M, K, N, bias, pdl):
     assert (y.float() - cub).abs().max() <= 2 ** -6 * cub.abs().max(), "far from cuBLAS"
     xs = torch.randn(M, 2 * K, generator=gen).to(**bf)[:, :K]  # rows with a stride (a view), as the step passes
     assert torch.allclose(linear(xs, W, b).float(), linear(xs.contiguous(), W, b).float())
-    from minikv.gpu.triton_step import silu_mul
-
-    gu = torch.randn(M, 2 * K, generator=gen).to(**bf)  # glu=True: the same rounding as silu_mul, then the matmul
-    assert torch.equal(linear(gu, W, b, pdl=pdl, glu=True), linear(silu_mul(gu), W, b, pdl=pdl))
 
 
 @cuda
@@ -939,17 +931,14 @@ for M, K, H, nkv, d, bias, res, dt in [(3, 80, 4, 2, 16, True, True, torch.float
     h, t2 = dm.torch_add_rmsnorm(x, r, ln, 1e-5)
     a2 = dm.torch_silu_mul(F.linear(h, Wgu, bgu))
     assert torch.equal(t1, t2) and torch.allclose(a1.float(), a2.float(), atol=tol) and torch.equal(bump, sb._lengths)
-# the step's matmul (minikv.gpu.triton_linear) = F.linear: odd shapes, bias, several row tiles, a strided x;
-# glu=True = F.linear(silu_mul(x)) (the down projection reading [gate | up])
+# the step's matmul (minikv.gpu.triton_linear) = F.linear: odd shapes, bias, several row tiles, a strided x
 from minikv.gpu.triton_linear import linear
 for M, K, N, bias in [(3, 80, 50, True), (64, 576, 96, False), (130, 64, 40, True), (5, 200, 17, False)]:
     x, w = torch.randn(M, 2 * K, generator=g)[:, :K], torch.randn(N, K, generator=g) / K ** 0.5
     bb = torch.randn(N, generator=g) if bias else None
     assert torch.allclose(linear(x, w, bb), F.linear(x, w, bb), atol=1e-5), (M, K, N)
-    gu = torch.randn(M, 2 * K, generator=g)
-    assert torch.allclose(linear(gu, w, bb, glu=True), F.linear(dm.torch_silu_mul(gu), w, bb), atol=1e-5), (M, K, N)
-    assert torch.equal(linear(gu.half(), w.half(), glu=True, block_k=16),  # fp16: rounded where silu_mul rounds
-                       linear(ts.silu_mul(gu.half()), w.half(), block_k=16)), (M, K, N)
+    assert torch.allclose(linear(x.half(), w.half(), block_n=32, block_k=16, num_stages=2).float(),
+                          F.linear(x, w).half().float(), atol=2e-2), (M, K, N)
 # a whole step: Triton ops + Triton attention = PyTorch ops + PyTorch attention (head dim 24, re-layouts)
 from minikv.gpu.e2e import TINY, random_llama
 from minikv.hf import attach

@@ -380,13 +380,12 @@ class StaticDecoder:
             return add_rmsnorm(x, res, weight, eps, pdl=self.pdl)
         return torch_add_rmsnorm(x, res, weight, eps)
 
-    def _linear(self, x, weight, bias, glu: bool = False):
-        """x @ weight^T + bias; glu=True: x is [gate | up] and the input silu(gate) * up (Triton: one launch)."""
+    def _linear(self, x, weight, bias):
         if self.linear == "triton":
             from .triton_linear import linear
 
-            return linear(x, weight, bias, pdl=self.pdl, glu=glu)
-        return F.linear(self._silu_mul(x) if glu else x, weight, bias)
+            return linear(x, weight, bias, pdl=self.pdl)
+        return F.linear(x, weight, bias)
 
     def _rope_append(self, qkv, pos, store, lw):
         args = (qkv, pos, self.cos, self.sin, store.k_flat, store.v_flat, store.starts, store.lengths,
@@ -474,12 +473,12 @@ class StaticDecoder:
             act, x = norm_gate_up(x, self._linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2, lw.w_gu, lw.b_gu, bump=store.lengths)
             return x, self._linear(act, lw.w_down, lw.b_down)
         h, x = self._norm(x, self._linear(a, lw.w_o, lw.b_o), lw.ln2, lw.eps2)
-        return x, self._linear(self._linear(h, lw.w_gu, lw.b_gu), lw.w_down, lw.b_down, glu=True)
+        return x, self._linear(self._silu_mul(self._linear(h, lw.w_gu, lw.b_gu)), lw.w_down, lw.b_down)
 
     def _head(self, x, mlp_prev, ids, pos):
         """Final norm, LM head, greedy token into ``ids``, positions + 1 -> logits (rows, vocab)."""
         h, _ = self._norm(x, mlp_prev, self.w.norm_w, self.w.norm_eps)
-        logits = self._linear(h, self.w.lm_head, None)
+        logits = F.linear(h, self.w.lm_head)  # cuBLAS (one launch per step; not measured in Triton yet)
         torch.argmax(logits, dim=-1, out=ids)  # the greedy next token, into the static input
         pos.add_(1)
         return logits

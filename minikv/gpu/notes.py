@@ -36,6 +36,12 @@ for _p in ("d", "1", "2", "3", "4"):  # 2 row groups interleaved: small ops and 
     LABELS[f"static_triton_ov{_p}"] = f"full, static + ragged kernel, graph, overlapped, {_a}"
     LABELS[f"compressed_ov{_p}"] = f"compressed, graph, overlapped, {_a}"
 
+STEP_LABELS = {"nopdl": "no PDL, cuBLAS matmuls", "pdl": "PDL, Triton matmuls", "tlin": "no PDL, Triton matmuls",
+               "pdlcublas": "PDL, cuBLAS matmuls", "pdl_p3": "PDL, Triton matmuls, attention 3 programs/SM"}
+for _v, _a in STEP_LABELS.items():  # run 6 on: the step with or without programmatic dependent launch
+    LABELS[f"static_triton_{_v}"] = f"full, static + ragged kernel, graph, {_a}"
+    LABELS[f"compressed_{_v}"] = f"compressed, graph, {_a}"
+
 
 def _load(folder, name):
     path = os.path.join(folder, name)
@@ -63,6 +69,8 @@ def e2e_table(data) -> str:
         label = LABELS.get(r["method"], r["method"])
         if r.get("streams", 1) > 1 and r["method"] in ("static_sdpa", "static_triton", "compressed"):
             label += f" ({r['streams']} streams)"
+        if r.get("pdl") and r["method"] in ("static_sdpa", "static_triton", "compressed"):
+            label += " (PDL)"
         if "ms_per_step" not in r:
             lines.append(f"| {label} | {r.get('press', '')} | {r.get('ratio', 0)} | {r.get('error') or r.get('skipped')} "
                          "| | | | | | | | | |")

@@ -55,7 +55,7 @@ def _prefetch_l2(ptrs):
 def _linear_kernel(X, W, B, Y, M, N, K, stride_x, stride_y,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GDC: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, K_LINES: tl.constexpr,
-                   IEEE: tl.constexpr, GLU: tl.constexpr):
+                   IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = rows of W
@@ -72,13 +72,7 @@ def _linear_kernel(X, W, B, Y, M, N, K, stride_x, stride_y,
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x_ptrs = X + rows[:, None] * stride_x + ks[None, :]
-        x_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptrs, mask=x_ok, other=0.0)
-        if GLU:  # x holds [gate | up]: the input is silu(gate) * up, rounded as triton_step.silu_mul rounds
-            u = tl.load(x_ptrs + K, mask=x_ok, other=0.0)
-            gf = x.to(tl.float32)
-            x = ((gf / (1.0 + tl.exp(-gf))).to(u.dtype).to(tl.float32) * u.to(tl.float32)).to(u.dtype)
+        x = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
         if IEEE:  # float32 inputs: full-precision products (tl.dot would use TF32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -136,17 +130,15 @@ def pdl_launch(pdl: bool) -> dict:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, pdl: bool = False,
            prefetch: bool | None = None, block_n: int | None = None, block_k: int | None = None,
-           num_warps: int | None = None, num_stages: int | None = None, glu: bool = False) -> torch.Tensor:
+           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T + bias (N,) -> (M, N), as ``F.linear``; ``pdl=True``: launched with PDL.
 
     prefetch (default: pdl and W fits L2 easily): pull the program's rows of W into L2 before waiting for the
-    previous kernel. glu=True: x is (M, 2K) = [gate | up] and the input is silu(gate) * up (the MLP's down
-    projection reads the gate/up matmul's output directly: ``triton_step.silu_mul``'s launch saved).
+    previous kernel.
     """
-    k_in = x.shape[-1] // 2 if glu else x.shape[-1]
-    if x.dim() != 2 or weight.dim() != 2 or k_in != weight.shape[1] or (glu and x.shape[1] % 2):
-        raise ValueError(f"linear needs x (M, K) and weight (N, K) with the same K (glu=True: x (M, 2K)); got x "
-                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, glu={glu}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear needs x (M, K) and weight (N, K) with the same K; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"linear needs x, weight and bias in one dtype; got {x.dtype}, {weight.dtype}"
                          + (f", {bias.dtype}" if bias is not None else ""))
@@ -166,7 +158,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GDC=pdl, PREFETCH=prefetch,
-        LINE=line, K_LINES=triton.next_power_of_2(triton.cdiv(K, line)), IEEE=x.dtype == torch.float32, GLU=glu,
+        LINE=line, K_LINES=triton.next_power_of_2(triton.cdiv(K, line)), IEEE=x.dtype == torch.float32,
         num_warps=num_warps or nw,
         num_stages=num_stages or ns, **pdl_launch(pdl))
     return y
