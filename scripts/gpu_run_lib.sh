@@ -35,7 +35,8 @@ part() {
 
 # header TITLE: the run's title, date, commit, GPU and versions
 header() {
-  say "$1, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  # MINIKV_COMMIT: the commit the working tree was copied from (the device's copy of .git can be older than it)
+  say "$1, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${MINIKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >> "$SUMMARY" 2>&1 || say "nvidia-smi failed"
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__, '| gpu', torch.cuda.get_device_name())" >> "$SUMMARY" 2>&1 \
     || say "python environment check FAILED"

@@ -40,6 +40,7 @@ STEP_LABELS = {"nopdl": "no PDL, cuBLAS matmuls", "pdl": "PDL, Triton matmuls", 
                "pdlcublas": "PDL, cuBLAS matmuls", "pdl_p3": "PDL, Triton matmuls, attention 3 programs/SM"}
 for _v, _a in STEP_LABELS.items():  # run 6 on: the step with or without programmatic dependent launch
     LABELS[f"static_triton_{_v}"] = f"full, static + ragged kernel, graph, {_a}"
+    LABELS[f"static_sdpa_{_v}"] = f"full, static + SDPA, graph, {_a}"
     LABELS[f"compressed_{_v}"] = f"compressed, graph, {_a}"
 
 
@@ -204,6 +205,8 @@ def tables(folder, bench_folder=None, tune_folders=None) -> dict:
                 out["tune_attention"] = src + tune_attention_table(tune)
             if tune.get("attention_e2e") and "tune_attention_e2e" not in out:
                 out["tune_attention_e2e"] = src + tune_attention_table(tune, "attention_e2e")
+            if tune.get("linear") and "tune_linear" not in out:
+                out["tune_linear"] = src + tune_linear_table(tune)
             if tune.get("ops") and "tune_ops" not in out:
                 out["tune_ops"] = src + tune_ops_table(tune)
     path = _bench_json([folder, bench_folder])
@@ -257,6 +260,26 @@ def tune_ops_table(data) -> str:
     return "\n".join(lines)
 
 
+def tune_linear_table(data) -> str:
+    """``python -m minikv.gpu.tune --parts linear``: each matmul of the step, cuBLAS against the Triton matmul."""
+    from .triton_linear import plan_for
+
+    rows = [r for r in data.get("linear", []) if "us" in r]
+    lines = ["| model | matmul | M × K @ K × N | bytes µs | cuBLAS µs | Triton, plan_for's tiles µs | tiles | "
+             "best of sweep µs | best tiles |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["model"], r["op"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["op"]) == key]
+        cub = next(r for r in mine if r["impl"] == "cublas")
+        sweep = [r for r in mine if r["impl"] == "triton" and "block_n" in r]
+        _, bn, bk, nw, ns = plan_for(cub["M"], cub["N"], cub["K"])
+        plan = next((r for r in sweep if (r["block_n"], r["block_k"], r["num_stages"]) == (bn, bk, ns)), None)
+        best = min(sweep, key=lambda r: r["us"])
+        lines.append(f"| {key[0]} | {key[1]} | {cub['M']} × {cub['K']} @ {cub['K']} × {cub['N']} | {cub['floor_us']:.1f} | "
+                     f"{cub['us']:.1f} | {_f(None if plan is None else plan['us'], '.1f')} | {bn} × {bk}, {ns} stages | "
+                     f"{best['us']:.1f} | {best['block_n']} × {best['block_k']}, {best['num_stages']} stages |")
+    return "\n".join(lines)
+
+
 def fill(text: str, name: str, table: str) -> str:
     """Replace the block between ``<!-- table:name -->`` and ``<!-- /table:name -->`` (markers kept)."""
     pat = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
@@ -274,7 +297,7 @@ def main(argv=None) -> int:
     values = {_option(argv, o) for o in ("--notes", "--bench", "--tune")}
     folder = next((a for a in argv if not a.startswith("--") and a not in values), "results/gpu")
     tune = _option(argv, "--tune")
-    tune_folders = tune.split(",") if tune else ["results/gpu/decode_graphs_run3", "results/gpu/decode_graphs_run4"]
+    tune_folders = tune.split(",") if tune else [f"results/gpu/decode_graphs_run{n}" for n in (5, 3, 4, 6)]
     made = tables(folder, _option(argv, "--bench") or "results/gpu/decode_graphs_run1", tune_folders)
     if "--write" in argv:
         path = _option(argv, "--notes") or os.path.join(folder, "NOTES.md")
