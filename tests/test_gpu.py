@@ -138,9 +138,16 @@ def test_launch_plan_rules():
     # SnapKV's SmolLM2 cache at batch 64: 192 equal segments, one wave -> one program each, no merge, 3 stages
     assert launch_plan(192 * 2112, 2112, 192, 64, bf, 132) == (128, 4, 3, 192 * 2112, 1)
     assert launch_plan(192 * 2112, 2112, 192, 64, bf, 132, num_stages=2)[2] == 2  # a given setting wins
-    # the same bytes, AdaKV-ragged (longest head 3x the mean): split, merged, 4 programs per SM
+    # the same bytes, AdaKV-ragged (longest head 3x the mean): split, merged; chunks of >= LONG_CHUNK tokens at 4
+    # programs per SM, so 3 per SM (run 9)
     bn, _, st, chunk, splits = launch_plan(192 * 2112, 3 * 2112, 192, 64, bf, 132)
-    assert (bn, st, chunk) == (128, 2, 768) and splits == -(-3 * 2112 // 768)
+    assert (bn, st) == (128, 2) and (chunk, splits) == launch_plan(192 * 2112, 3 * 2112, 192, 64, bf, 132, programs=396)[3:]
+    assert splits == -(-3 * 2112 // chunk) and chunk > 768  # 768: the 4-per-SM chunk
+    # AdaKV at ratio 0.875 (half the tokens): chunks under LONG_CHUNK at 4 per SM, which stays
+    assert launch_plan(192 * 1056, 3 * 1056, 192, 64, bf, 132)[3:] == launch_plan(192 * 1056, 3 * 1056, 192, 64, bf, 132,
+                                                                                  programs=528)[3:]
+    assert launch_plan(192 * 2112, 3 * 2112, 192, 128, bf, 132)[3:] == launch_plan(192 * 2112, 3 * 2112, 192, 128, bf, 132,
+                                                                                   programs=4 * 132)[3:], "d = 128: short chunks, 4/SM"
     # too few segments to fill the GPU (Llama-8B shape, batch 8 x 8 KV heads): split even when equal
     bn, _, _, chunk, splits = launch_plan(64 * 32768, 32768, 64, 128, bf, 132)
     assert chunk == 2048 and splits == 16, "long chunks: 8 programs per SM for d = 128"

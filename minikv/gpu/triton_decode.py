@@ -188,12 +188,13 @@ def _merge_kernel(OutPart, LsePart, Lengths, Out, chunk, num_splits,
 # tiles, two stages and ~4 programs per multiprocessor came within 10 % of each shape's best there; 256 halves the
 # tile so that two stages of K and V tiles fit in shared memory. per_sm = non-empty programs to aim for per SM.
 CONFIG = {
-    64: dict(block_n=128, num_warps=4, num_stages=2, per_sm=4),
+    64: dict(block_n=128, num_warps=4, num_stages=2, per_sm=4, per_sm_long=3),
     128: dict(block_n=128, num_warps=4, num_stages=2, per_sm=8, per_sm_short=4),
     256: dict(block_n=64, num_warps=4, num_stages=2, per_sm=8),
 }
 SPLIT_BLOCK = 16  # chunks the merge reads per round trip
 SHORT_CHUNK = 1024  # tokens: a plan whose chunks would be shorter than this uses per_sm_short (fewer, longer chunks)
+LONG_CHUNK = 512  # tokens: a plan whose chunks would be at least this long uses per_sm_long where the config has it
 
 
 def padded_head_dim(d: int) -> int:
@@ -221,6 +222,9 @@ def launch_plan(n_total: int, max_len: int, S: int, d: int, dtype: torch.dtype, 
 
     Host ints only (a CUDA graph passes capacities). Settings not given come from ``CONFIG`` and the sweeps:
     * ~per_sm programs per multiprocessor; 4 instead of 8 for d = 128 when chunks would be short (< SHORT_CHUNK);
+      3 instead of 4 for d <= 64 when chunks would be long (>= LONG_CHUNK): AdaKV's ragged SmolLM2 cache at batch 64,
+      ratio 0.5 and 0.75, 1.734 instead of 1.766 ms per step and 2.444 instead of 2.547 (run 9), while at 0.875 (chunks
+      of ~370 tokens) 4 per SM stayed faster (1.346 against 1.365 ms);
     * near-equal segments (longest <= 1.25 x mean) that are between 1 and 2 per multiprocessor, d <= 64: one
       program per segment, no merge, three stages -- every program starts in the first wave and none waits for a
       merge (SnapKV's SmolLM2 cache at batch 64: 27.7 us instead of 33.4 per layer, results/gpu/NOTES.md).
@@ -232,8 +236,10 @@ def launch_plan(n_total: int, max_len: int, S: int, d: int, dtype: torch.dtype, 
     num_stages = num_stages or cfg["num_stages"]
     if programs is None:
         programs = cfg["per_sm"] * sms
-        if n_total < SHORT_CHUNK * programs:
-            programs = cfg.get("per_sm_short", cfg["per_sm"]) * sms
+        if "per_sm_short" in cfg and n_total < SHORT_CHUNK * programs:
+            programs = cfg["per_sm_short"] * sms
+        elif "per_sm_long" in cfg and n_total >= LONG_CHUNK * programs:
+            programs = cfg["per_sm_long"] * sms
         if sms <= S <= 2 * sms and max_len * S <= 1.25 * n_total and padded_head_dim(d) <= 64:
             programs = 1
             num_stages = num_stages if stages_given else 3
