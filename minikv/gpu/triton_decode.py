@@ -222,7 +222,8 @@ def launch_plan(n_total: int, max_len: int, S: int, d: int, dtype: torch.dtype, 
 
     Host ints only (a CUDA graph passes capacities). Settings not given come from ``CONFIG`` and the sweeps:
     * ~per_sm programs per multiprocessor; 4 instead of 8 for d = 128 when chunks would be short (< SHORT_CHUNK);
-      3 instead of 4 for d <= 64 when chunks would be long (>= LONG_CHUNK): AdaKV's ragged SmolLM2 cache at batch 64,
+      3 instead of 4 for d <= 64 when chunks would be long (>= LONG_CHUNK) and 3 per SM still outnumber the segments
+      (the regime measured): AdaKV's ragged SmolLM2 cache at batch 64,
       ratio 0.5 and 0.75, 1.734 instead of 1.766 ms per step and 2.444 instead of 2.547 (run 9), while at 0.875 (chunks
       of ~370 tokens) 4 per SM stayed faster (1.346 against 1.365 ms);
     * near-equal segments (longest <= 1.25 x mean) that are between 1 and 2 per multiprocessor, d <= 64: one
@@ -238,7 +239,7 @@ def launch_plan(n_total: int, max_len: int, S: int, d: int, dtype: torch.dtype, 
         programs = cfg["per_sm"] * sms
         if "per_sm_short" in cfg and n_total < SHORT_CHUNK * programs:
             programs = cfg["per_sm_short"] * sms
-        elif "per_sm_long" in cfg and n_total >= LONG_CHUNK * programs:
+        elif "per_sm_long" in cfg and n_total >= LONG_CHUNK * programs and cfg["per_sm_long"] * sms > S:
             programs = cfg["per_sm_long"] * sms
         if sms <= S <= 2 * sms and max_len * S <= 1.25 * n_total and padded_head_dim(d) <= 64:
             programs = 1
