@@ -6,11 +6,12 @@
 
 NOTES.md marks each table's place with ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->``; ``--write``
 replaces what lies between (NAME: e2e_smollm2, e2e_llama8b, targets, checks, bench_small, bench_large,
-tune_attention, tune_ops) and
+tune_attention, tune_attention_e2e, tune_ops, tune_linear) and
 leaves a block alone when its table cannot be made (say which, on stdout). ``--notes``: the NOTES.md to write
 (default: the folder's own, else results/gpu/NOTES.md). ``--bench``: where the attention benchmark's JSON is
 when the run folder has none (issue-13 run 2 skipped the benchmark: run 1's stays valid). ``--tune A,B``: folders
-searched after the run's own for ``tune*.json`` sweeps (default: runs 3 and 4).
+searched after the run's own for ``tune*.json`` sweeps, first found wins per table (default: runs 5, 3, 4, 6).
+``--also A,B``: folders searched for an ``e2e_<model>.json`` the run folder lacks (run 9 re-ran SmolLM2 only).
 """
 
 from __future__ import annotations
@@ -181,12 +182,14 @@ def _bench_json(folders):
     return None
 
 
-def tables(folder, bench_folder=None, tune_folders=None) -> dict:
+def tables(folder, bench_folder=None, tune_folders=None, also=()) -> dict:
+    """The NOTES tables from a run's folder; an e2e file the folder lacks is taken from the first of ``also`` with it."""
     out = {}
     runs = []
     for kind in ("smollm2", "llama8b"):
+        fld = next((f for f in [folder, *also] if os.path.exists(os.path.join(f, f"e2e_{kind}.json"))), folder)
         try:
-            data = _load(folder, f"e2e_{kind}.json")
+            data = _load(fld, f"e2e_{kind}.json")
         except (OSError, ValueError) as e:  # a truncated file from a run cut short: say so, make the rest
             print(f"minikv.gpu.notes: e2e_{kind}.json unreadable ({e}); its table is left as it was")
             continue
@@ -294,11 +297,13 @@ def _option(argv, name):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    values = {_option(argv, o) for o in ("--notes", "--bench", "--tune")}
+    values = {_option(argv, o) for o in ("--notes", "--bench", "--tune", "--also")}
     folder = next((a for a in argv if not a.startswith("--") and a not in values), "results/gpu")
     tune = _option(argv, "--tune")
     tune_folders = tune.split(",") if tune else [f"results/gpu/decode_graphs_run{n}" for n in (5, 3, 4, 6)]
-    made = tables(folder, _option(argv, "--bench") or "results/gpu/decode_graphs_run1", tune_folders)
+    also = _option(argv, "--also")
+    made = tables(folder, _option(argv, "--bench") or "results/gpu/decode_graphs_run1", tune_folders,
+                  also.split(",") if also else ())
     if "--write" in argv:
         path = _option(argv, "--notes") or os.path.join(folder, "NOTES.md")
         if not os.path.exists(path) and "--notes" not in argv:
