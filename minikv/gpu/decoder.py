@@ -44,6 +44,12 @@ Measured on the H200 (results/gpu/NOTES.md, runs 3-4) it is *slower* than ``ops=
 20.1 us per SmolLM2 layer): a Triton matmul of 64 rows that normalises them first waits on memory per K block, where
 cuBLAS streams its tiles. So ``ops="auto"`` means "triton" on CUDA and "torch" elsewhere; "fused" stays an option.
 
+``pdl`` (programmatic dependent launch, Hopper or newer; ``minikv.gpu.triton_linear``): every kernel of a layer may
+start while the one in front of it still runs, prefetch what does not depend on it (the weights, the first keys),
+then wait for it. cuBLAS kernels take no part, so PDL comes with the step's matmuls in Triton (``linear="triton"``).
+``pdl=None`` turns both on for layers whose matrices fit L2 easily (SmolLM2: 1.71 -> 1.56 ms per step, results/gpu/
+NOTES.md runs 6-9) and leaves them off for large ones (the Llama-3.1-8B shape: 2-3 % slower with them).
+
 ``streams=n`` splits the batch into n row groups, each decoded on its own CUDA stream inside the graph (measured:
 +1.8 % for SmolLM2 before the attention plan took one wave per layer, a loss after it); ``overlap=True`` interleaves
 the groups layer by layer by hand (measured slower). Both are options; the default is one stream.

@@ -7,6 +7,8 @@ Per model, in one run and side by side:
   static_triton     the same full cache through minikv's ragged kernel (every head keeps every token), CUDA graph
   compressed        per press and ratio: FlatStores + the ragged kernel, CUDA graph
   compressed_eager  (--eager-ratios) the model's forward on a RaggedCache, eager: the path before CUDA graphs
+  <method>_<name>   (--step-variants) the same rows with other step settings (STEP_VARIANTS: with or without PDL,
+                    Triton or cuBLAS matmuls); a baseline counts with its fastest variant in the speed-ups
 
 Each row: ms/step = median over ``--repeats`` repeats of ``--steps`` steps (CUDA events; every repeat starts
 from the same cache), spread = (max - min) / median, tokens/s = batch / step time, KV bytes held, and the
