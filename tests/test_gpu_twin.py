@@ -243,6 +243,17 @@ def test_twin_uses_the_kernels_constants():
     assert twin.LOG2E == twin.kernel_constant("LOG2E")
 
 
+def test_kernel_source_of_other_files():
+    src = twin.kernel_source("_linear_kernel", "triton_linear.py")
+    assert src.startswith("@triton.jit") and "gdc_begin(GDC)" in src and "_prefetch_l2(ptrs)" in src
+    assert src.index("_prefetch_l2(ptrs)") < src.index("gdc_begin(GDC)") < src.index("tl.dot")  # prefetch, wait, compute
+    for bad in ("../hf.py", "nope.py", "", "layout", None):
+        with pytest.raises(ValueError, match="file must be a Python file of minikv/gpu"):
+            twin.kernel_source("_linear_kernel", bad)
+    with pytest.raises(ValueError, match="one of"):
+        twin.kernel_source("_split_kernel", "triton_linear.py")
+
+
 def test_kernel_source_is_read_without_triton():
     src = twin.kernel_source("_split_kernel")
     assert src.startswith("@triton.jit") and "def _split_kernel(" in src and "tl.store(LsePart" in src

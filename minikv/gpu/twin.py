@@ -282,24 +282,37 @@ def attend(store, query, scaling: float, block_n: int = 128, programs: int = 64,
 
 
 # -- the kernel's own text, for reading next to the twin -------------------------------------------------
-def kernel_functions() -> dict[str, ast.FunctionDef]:
-    """The top-level functions of triton_decode.py, parsed from its text (Triton need not be installed)."""
-    tree = ast.parse(KERNEL_FILE.read_text(encoding="utf-8"))
+def kernel_functions(file: str = KERNEL_FILE.name) -> dict[str, ast.FunctionDef]:
+    """The top-level functions of one of minikv/gpu's files (default triton_decode.py), parsed from its text
+    (Triton need not be installed)."""
+    path = _gpu_file(file)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
 
 
-def kernel_source(name: str = "_split_kernel") -> str:
-    """The source of one function of triton_decode.py, its decorator included.
+def _gpu_file(file: str) -> Path:
+    path = KERNEL_FILE.with_name(file) if isinstance(file, str) and file and "/" not in file and "\\" not in file else None
+    if path is None or not path.is_file() or path.suffix != ".py":
+        names = sorted(p.name for p in KERNEL_FILE.parent.glob("triton_*.py"))
+        raise ValueError(f"file must be a Python file of minikv/gpu, e.g. one of {names}; got {file!r}")
+    return path
+
+
+def kernel_source(name: str = "_split_kernel", file: str = KERNEL_FILE.name) -> str:
+    """The source of one function of a minikv/gpu file (default triton_decode.py), its decorator included.
 
     >>> kernel_source("_merge_kernel").splitlines()[0].startswith("@triton.jit")
     True
+    >>> "gdc_wait" in kernel_source("gdc_begin", "triton_linear.py")
+    True
     """
-    funcs = kernel_functions()
+    path = _gpu_file(file)
+    funcs = kernel_functions(file)
     if name not in funcs:
-        raise ValueError(f"name must be a function of {KERNEL_FILE.name}, one of {sorted(funcs)}; got {name!r}")
+        raise ValueError(f"name must be a function of {path.name}, one of {sorted(funcs)}; got {name!r}")
     node = funcs[name]
     first = min([dec.lineno for dec in node.decorator_list] + [node.lineno])
-    lines = KERNEL_FILE.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     return "\n".join(lines[first - 1:node.end_lineno])
 
 
