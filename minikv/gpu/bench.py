@@ -105,7 +105,7 @@ def copy_bandwidth(device, rep_ms):
     dst = torch.empty_like(src)
     ms = timed(lambda: dst.copy_(src), rep_ms)
     bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    del src, dst
+    src = dst = None  # free the memory (not del: closures above still name them)
     return bw, ms
 
 
@@ -129,7 +129,7 @@ def sweep(device, dtype, rep_ms, log):
         values = torch.randn_like(keys)
         keep, _, _ = adakv_selection(b, m["n_kv"], L, 0.75, gen, device)
         store = FlatStore.from_selection(keys, values, keep)
-        del keys, values
+        keys = values = None  # free the memory (not del: closures above still name them)
         query = torch.randn(b, m["H"], 1, m["d"], device=device, dtype=dtype, generator=gen)
         ref = store.attend(query, m["d"] ** -0.5, use_triton=False)
         best = None
@@ -155,7 +155,7 @@ def sweep(device, dtype, rep_ms, log):
                         if err < 2e-2 and (best is None or ms < best["ms"]):
                             best = row
         log(f"  sweep best {model} L={L} b={b}: {best}")
-        del store
+        store = None  # free the memory (not del: closures above still name them)
         torch.cuda.empty_cache()
     return results
 
@@ -222,7 +222,7 @@ def overhead(device, dtype, rep_ms, log):
         log(f"  overhead {model}: select {ms_select:.3f} ms + build {ms_build:.3f} ms vs prefill layer "
             f"{ms_prefill:.3f} ms -> {100 * row['overhead_frac']:.1f}%")
         rows.append(row)
-        del keys, values, x, w, qh, kh
+        keys = values = x = w = qh = kh = None  # free the memory (not del: closures above still name them)
         torch.cuda.empty_cache()
     return rows
 
@@ -240,7 +240,7 @@ def layer_step(device, dtype, rep_ms, log):
         keys = torch.randn(b, m["n_kv"], L, m["d"], device=device, dtype=dtype, generator=gen)
         keep, _, _ = adakv_selection(b, m["n_kv"], L, 0.75, gen, device)
         store = FlatStore.from_selection(keys, keys, keep)
-        del keys
+        keys = None  # free the memory (not del: closures above still name them)
         nk = torch.randn(b, m["n_kv"], 1, m["d"], device=device, dtype=dtype, generator=gen)
         query = torch.randn(b, m["H"], 1, m["d"], device=device, dtype=dtype, generator=gen)
 
@@ -256,7 +256,7 @@ def layer_step(device, dtype, rep_ms, log):
         log(f"  layer step {model} L={L} b={b}: write {1e3 * row['write_ms']:.1f} us (graph {1e3 * row['write_graph_ms']:.1f}), "
             f"attend {1e3 * row['attend_ms']:.1f} us (graph {1e3 * row['attend_graph_ms']:.1f}), KV {store.nbytes / 1e9:.3f} GB")
         rows.append(row)
-        del store
+        store = None  # free the memory (not del: closures above still name them)
     return rows
 
 
@@ -291,7 +291,7 @@ def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
         mask_bytes = keep.numel() * elt
         add("masked", ratio, timed(lambda: sdpa_decode(query, keys, values, mask), rep_ms),
             full_bytes + mask_bytes, full_bytes)
-        del mask
+        mask = None  # free the memory (not del: closures above still name them)
         store = FlatStore.from_selection(keys, values, keep)
         pk, pv, valid = store.dense()  # (b, n_kv, Lmax, d): padded to the longest head
         pmask = additive_mask(valid, g, dtype)
@@ -299,7 +299,7 @@ def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
         ref = sdpa_decode(query, pk, pv, pmask)
         add("padded", ratio, timed(lambda: sdpa_decode(query, pk, pv, pmask), rep_ms),
             padded_bytes + valid.numel() * elt, padded_bytes, Lmax=store.max_len)
-        del pk, pv, valid, pmask
+        pk = pv = valid = pmask = None  # free the memory (not del: closures above still name them)
         out = store.attend(query, d ** -0.5)
         err = rel_err(out, ref)
         f_rag = lambda: store.attend(query, d ** -0.5)
@@ -315,12 +315,12 @@ def bench_case(model, L, b, ratios, dtype, rep_ms, gen, device, copy_bw):
             rel_err_two_launch=rel_err(f_two(), ref), graph_ms_two_launch=timed_graph(f_two, rep_ms),
             graph_ms_fused_merge=timed_graph(f_fused, rep_ms))
         n_uniform = store.n_total // (b * n_kv)  # same bytes, every head the same length: SnapKV's cache
-        del store
+        store = None  # free the memory (not del: closures above still name them)
         uk, uv = keys[:, :, :n_uniform].contiguous(), values[:, :, :n_uniform].contiguous()
         f_uni = lambda: sdpa_decode(query, uk, uv)
         add("uniform", ratio, timed(f_uni, rep_ms), 2 * uk.numel() * elt, 2 * uk.numel() * elt, graph_fn=f_uni)
-        del uk, uv, keep
-    del keys, values
+        uk = uv = keep = None  # free the memory (not del: closures above still name them)
+    keys = values = None  # free the memory (not del: closures above still name them)
     torch.cuda.empty_cache()
     return rows
 
