@@ -605,8 +605,9 @@ def _pdl_pays(weights: StepWeights, ops: str) -> bool:
     """pdl=None: PDL and the Triton matmuls where they were measured faster -- Hopper or newer, ops='triton', and
     layers whose matrices are small (each <= triton_linear.SMALL_WEIGHT_BYTES, L2-sized: the step is latency-bound).
 
-    Measured on the H200 (results/gpu/NOTES.md, run 6): SmolLM2 (0.7-3.5 MB per matrix) 1.71 -> 1.59 ms per step
-    (SnapKV, ratio 0.75); the Llama-3.1-8B shape (33-235 MB per matrix) 7.0 -> 11.1 ms with run 6's tiles.
+    Measured on the H200 (results/gpu/NOTES.md, runs 6-9): SmolLM2 (0.7-3.5 MB per matrix) 1.70-1.71 -> 1.56 ms per
+    step (SnapKV, ratio 0.75, runs 8-9); the Llama-3.1-8B shape (33-235 MB per matrix) 6.97 -> 7.14 ms (run 8; 11.1 ms
+    with run 6's one-size tiles).
     """
     if ops != "triton" or weights.device.type != "cuda" or not _triton_importable():
         return False

@@ -2,13 +2,15 @@
 
     python -m minikv.gpu.tune --out results/gpu/decode_graphs_run3
 
-Two parts, GPU time from CUDA graphs (``triton.testing.do_bench_cudagraph``, median):
+Three parts, GPU time from CUDA graphs (``triton.testing.do_bench_cudagraph``, median):
 
 1. ``ops``: every op of one SmolLM2 layer at batch 64 (random bf16 weights of the real shapes), one by
    one: the 9-launch step (``ops="triton"``) and the fused kernels of ``minikv.gpu.triton_fused``
    (``ops="fused"``) over a small grid of tile sizes; and the same two matmuls at the Llama-3.1-8B shape
    (batch 8) to see whether fusing pays at either size.
-2. ``attention``: the attention kernel's split plan on small caches (ratio 0.75, AdaKV-shaped heads
+2. ``linear`` (run 6 on): the step's matmuls alone, cuBLAS (``F.linear``) against ``minikv.gpu.triton_linear`` over a
+   grid of tiles, for SmolLM2 (batch 64) and the Llama-3.1-8B shape (batch 8).
+3. ``attention``: the attention kernel's split plan on small caches (ratio 0.75, AdaKV-shaped heads
    as in ``minikv bench``) and on one layer of the end-to-end SmolLM2 cache: how many programs to aim
    for (``programs``, incl. one chunk per segment), fused or two-launch merge, tile length and stages,
    against full-cache SDPA on the same inputs.
