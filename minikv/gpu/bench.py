@@ -92,7 +92,7 @@ def timed(fn, rep_ms):
 def timed_graph(fn, rep_ms):
     """Median time of fn replayed from a CUDA graph: the GPU's time without Python's launch overhead.
 
-    No L2 flush here, so only trust it for caches well above the 60 MB L2.
+    No L2 flush here, so only trust it for caches well above the 50 MB L2 (H100/H200).
     """
     from triton.testing import do_bench_cudagraph
 
