@@ -281,7 +281,7 @@ class StaticDecoder:
         if pdl is None:
             pdl = _pdl_pays(weights, ops)
         if pdl:
-            from .triton_linear import check_pdl
+            from .layout import check_pdl  # (no Triton needed to say why not)
 
             check_pdl(dev)
             if ops != "triton":
@@ -611,7 +611,8 @@ def _pdl_pays(weights: StepWeights, ops: str) -> bool:
     """
     if ops != "triton" or weights.device.type != "cuda" or not _triton_importable():
         return False
-    from .triton_linear import SMALL_WEIGHT_BYTES, pdl_supported
+    from .layout import pdl_supported
+    from .triton_linear import SMALL_WEIGHT_BYTES
 
     biggest = max(t.numel() * t.element_size() for lw in weights.layers for t in (lw.w_qkv, lw.w_o, lw.w_gu, lw.w_down))
     return pdl_supported(weights.device.index or 0) and biggest <= SMALL_WEIGHT_BYTES

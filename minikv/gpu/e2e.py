@@ -406,7 +406,7 @@ def decoder_row(model, weights, stores, prefilled, first, attention, args, devic
     per_token = sum(2 * s.b * s.n_kv * s.k_flat.shape[1] * s.k_flat.element_size() for s in stores)  # one more token, all heads
     kv_read = kv + per_token * (args.steps + 1) / 2  # held at the start + the tokens appended, on average over a repeat
     dec.restore(snap)
-    del dec
+    dec = None  # free the stores' graph (not del: the timing closures above name it)
     return finish_row(row, ms, kv, kv_read, weights.bytes_read(first.shape[0]), first.shape[0], copy_bw)
 
 
@@ -436,7 +436,7 @@ def dynamic_row(model, weights, prefilled, first, args, device, copy_bw):
 
     step()  # warm-up
     ms = time_steps(step, lambda: None, args.eager_steps, args.eager_repeats, device)  # (the cache grows a little)
-    del cache
+    cache = None  # (not del: step() above names it)
     row = dict(attention="sdpa (transformers)", ops="eager", graph=False)
     return finish_row(row, ms, kv, kv, weights.bytes_read(first.shape[0]), first.shape[0], copy_bw)
 

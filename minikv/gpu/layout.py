@@ -17,6 +17,8 @@ No Python loop over heads: the layout is built with cumulative sums and one gath
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -150,3 +152,19 @@ def plan_splits(n_total: int, max_len: int, block_n: int, programs: int) -> tupl
     chunk = max(block_n, -(-n_total // programs))
     chunk = -(-chunk // block_n) * block_n  # round up to whole tiles
     return chunk, max(1, -(-max_len // chunk))
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch (``minikv.gpu.triton_linear``) needs compute capability 9.0 (Hopper) or newer."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def check_pdl(device: torch.device) -> None:
+    """Raise a ValueError saying why PDL cannot run on ``device`` (a CPU, or a GPU older than Hopper)."""
+    if device.type != "cuda":
+        raise ValueError(f"pdl=True needs a CUDA device of compute capability >= 9.0 (Hopper); got device {device}")
+    if not pdl_supported(device.index or 0):
+        cap = torch.cuda.get_device_capability(device.index or 0)
+        raise ValueError(f"pdl=True needs compute capability >= 9.0 (Hopper); {torch.cuda.get_device_name(device)} "
+                         f"has {cap[0]}.{cap[1]}")

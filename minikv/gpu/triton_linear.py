@@ -23,11 +23,11 @@ rounded once, as cuBLAS does (the sums' order differs). ``plan_for`` picks tile 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from .layout import check_pdl  # Triton-free, so that the decoder can check its arguments without Triton
 
 LINE_BYTES = 128  # an L2 cache line: one prefetch per line of W
 
@@ -105,22 +105,6 @@ def plan_for(M: int, N: int, K: int, element_size: int = 2):
         block_n, block_k = 64, 256
     per_stage = (block_m + block_n) * block_k * element_size  # shared memory of one stage's x and W tiles
     return block_m, block_n, block_k, 4, max(1, min(4, SHARED_BYTES // per_stage))
-
-
-@functools.lru_cache(maxsize=None)
-def pdl_supported(device_index: int) -> bool:
-    """PDL needs compute capability 9.0 (Hopper) or newer."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def check_pdl(device: torch.device) -> None:
-    """Raise a ValueError saying why PDL cannot run on ``device`` (a CPU, or a GPU older than Hopper)."""
-    if device.type != "cuda":
-        raise ValueError(f"pdl=True needs a CUDA device of compute capability >= 9.0 (Hopper); got device {device}")
-    if not pdl_supported(device.index or 0):
-        cap = torch.cuda.get_device_capability(device.index or 0)
-        raise ValueError(f"pdl=True needs compute capability >= 9.0 (Hopper); {torch.cuda.get_device_name(device)} "
-                         f"has {cap[0]}.{cap[1]}")
 
 
 def pdl_launch(pdl: bool) -> dict:
