@@ -339,7 +339,21 @@ def test_imports_without_triton():
             "import torch, minikv.gpu as g\n"
             "from minikv.gpu import bench, decoder, e2e, layout, notes, plots, reference\n"
             "s = g.FlatStore.from_selection(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.ones(1, 2, 5, dtype=torch.bool))\n"
-            "assert s.attend(torch.randn(1, 4, 1, 4), 0.5).shape == (1, 4, 1, 4)\n")
+            "assert s.attend(torch.randn(1, 4, 1, 4), 0.5).shape == (1, 4, 1, 4)\n"
+            # the decoder's argument checks name the problem without Triton (run 1 of CI lacked Triton: an import error)
+            "from minikv.gpu.e2e import TINY, random_llama\n"
+            "m = random_llama(TINY, torch.device('cpu'), torch.float32, 0)\n"
+            "pre = decoder.prefill_to_stores(m, torch.randint(0, 500, (2, 9)), reserve=2)\n"
+            "w, first = decoder.StepWeights(m), pre.logits.argmax(-1)\n"
+            "dec = decoder.StaticDecoder(w, pre.stores, 9, first)\n"
+            "assert (dec.ops, dec.linear, dec.pdl) == ('torch', 'torch', False) and dec.step().shape == (2, 512)\n"
+            "for kw, msg in ((dict(pdl=True), 'pdl=True needs a CUDA device'), (dict(linear='triton'), 'linear=')):\n"
+            "    try:\n"
+            "        decoder.StaticDecoder(w, pre.stores, 9, first, **kw)\n"
+            "    except ValueError as e:\n"
+            "        assert msg in str(e), e\n"
+            "    else:\n"
+            "        raise AssertionError(kw)\n")
     from pathlib import Path
 
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
