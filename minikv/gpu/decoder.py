@@ -484,7 +484,7 @@ class StaticDecoder:
     def _head(self, x, mlp_prev, ids, pos):
         """Final norm, LM head, greedy token into ``ids``, positions + 1 -> logits (rows, vocab)."""
         h, _ = self._norm(x, mlp_prev, self.w.norm_w, self.w.norm_eps)
-        logits = F.linear(h, self.w.lm_head)  # cuBLAS (one launch per step; not measured in Triton yet)
+        logits = F.linear(h, self.w.lm_head)  # cuBLAS: the Triton LM head (with SiLU folded into down) cost +0.5 ms, run 7b
         torch.argmax(logits, dim=-1, out=ids)  # the greedy next token, into the static input
         pos.add_(1)
         return logits
