@@ -367,9 +367,8 @@ def decoder_row(model, weights, stores, prefilled, first, attention, args, devic
     from .decoder import StaticDecoder
 
     t0 = time.perf_counter()
-    kw = {} if pdl is None else dict(pdl=pdl)  # None: the decoder's default
     dec = StaticDecoder(weights, stores, prefilled.context_length, first, attention=attention, ops=ops, streams=streams,
-                        overlap=overlap, attn_programs_per_sm=attn_programs_per_sm, linear=linear, **kw)
+                        overlap=overlap, attn_programs_per_sm=attn_programs_per_sm, linear=linear, pdl=pdl)
     snap = dec.snapshot()
     graph_error = None
     if dec.use_graph:
@@ -684,24 +683,21 @@ def run(args) -> int:
                 return dict(r, select_build_s=select_s, kv_fraction=held / full)
 
             add(compressed, method="compressed", press=name, ratio=ratio)
-            if ratio == 0.75 and name == presses[0] and "stores" not in holder:
-                holder["stores"] = compressed_stores(pre, get_press(name, compression_ratio=ratio), model, reserve)
-            if ratio == 0.75 and name == presses[0]:
-                variants = [(f"compressed_s{n}", dict(streams=n)) for n in stream_variants]
-                variants += [(f"compressed_ov{p}", kw) for p, kw in overlap_variants]
+            first_press = ratio == 0.75 and name == presses[0]
+            # (method, decoder settings, checked?): the step variants, then (first press at 0.75) the stream, overlap
+            # and fused variants -- all on the same compressed stores
+            extra = [(f"compressed_{v}", kw, ratio in check_ratios) for v, kw in step_variants] if ratio in step_ratios else []
+            if first_press:
+                extra += [(f"compressed_s{n}", dict(streams=n), False) for n in stream_variants]
+                extra += [(f"compressed_ov{p}", kw, False) for p, kw in overlap_variants]
                 if args.fused_variant:
-                    variants.append(("compressed_fused", dict(ops="fused")))
-            if ratio in step_ratios:
-                for vname, kw in step_variants:
-                    if "stores" not in holder:
-                        holder["stores"] = compressed_stores(pre, get_press(name, compression_ratio=ratio), model, reserve)
-                    add(lambda kw=kw: decoder_row(model, weights, holder["stores"], pre, first, "auto", args, device,
-                                                  copy_bw, check=ratio in check_ratios, **kw),
-                        method=f"compressed_{vname}", press=name, ratio=ratio)
-            if ratio == 0.75 and name == presses[0]:
-                for method, kw in variants:
-                    add(lambda kw=kw: decoder_row(model, weights, holder["stores"], pre, first, "auto", args, device,
-                                                  copy_bw, check=False, **kw), method=method, press=name, ratio=ratio)
+                    extra.append(("compressed_fused", dict(ops="fused"), False))
+            if (extra or first_press) and "stores" not in holder:  # (the compressed row was skipped or failed)
+                holder["stores"] = compressed_stores(pre, get_press(name, compression_ratio=ratio), model, reserve)
+            for method, kw, check in extra:
+                add(lambda kw=kw, check=check: decoder_row(model, weights, holder["stores"], pre, first, "auto", args,
+                                                           device, copy_bw, check=check, **kw),
+                    method=method, press=name, ratio=ratio)
             if ratio in eager_ratios and "stores" in holder:
                 add(lambda: ragged_eager_row(model, weights, holder["stores"], pre, first, args, device, copy_bw),
                     method="compressed_eager", press=name, ratio=ratio)

@@ -22,6 +22,8 @@ import json
 import re
 from pathlib import Path
 
+from .e2e import STEP_VARIANTS
+
 
 def results_dir(start: Path | None = None) -> Path:
     """The repository's results/gpu folder, found from ``start`` (default: the working directory) upwards."""
@@ -84,7 +86,8 @@ def print_records(recs: list[dict], columns: dict) -> None:
 E2E_METHODS = ("dynamic_eager", "static_sdpa", "static_triton", "compressed", "compressed_eager")
 # the variants runs 3-8 also timed: n row groups on n CUDA streams, overlapped groups (attention at p programs/SM or
 # the default d), the fused norm + matmul kernels, and the step with or without PDL / Triton matmuls
-E2E_VARIANTS = r"(static_triton|compressed)_(s\d+|ov(d|\d+))|(static_sdpa|static_triton|compressed)_(nopdl|pdl|tlin|pdlcublas|pdl_p3)|compressed_fused"
+E2E_VARIANTS = (r"(static_triton|compressed)_(s\d+|ov(d|\d+))|(static_sdpa|static_triton|compressed)_("
+                + "|".join(STEP_VARIANTS) + ")|compressed_fused")
 
 
 def e2e_row(data: dict, method: str, press: str = "no_press", ratio: float = 0.0) -> dict:
